@@ -1,0 +1,57 @@
+"""lazytensor: read and edit the insides of a PyTorch model, locally or on a shared server.
+
+Example:
+    >>> import torch, lazytensor as lt
+    >>> net = lt.Model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    >>> with net.trace(torch.ones(1, 4)):
+    ...     hidden = net[0].output.save()
+    >>> hidden.shape
+    torch.Size([1, 4])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .envoy import Envoy
+from .errors import (
+    GraphError,
+    LazytensorError,
+    NodeFailure,
+    OpNotAllowedError,
+    ProtocolError,
+    RemoteError,
+    StrictModeError,
+    TraceError,
+)
+from .model import LanguageModel, Model
+from .proxy import Proxy
+from .trace import Trace
+
+__version__ = "0.1.0"
+
+
+def save(value: Any) -> Any:
+    """Function form of ``proxy.save()``: keep ``value`` after the trace and return it."""
+    if isinstance(value, Proxy):
+        return value.save()
+    raise TypeError(f"lazytensor.save takes a proxy from a trace, not a {type(value).__name__}")
+
+
+__all__ = [
+    "Envoy",
+    "GraphError",
+    "LanguageModel",
+    "LazytensorError",
+    "Model",
+    "NodeFailure",
+    "OpNotAllowedError",
+    "ProtocolError",
+    "Proxy",
+    "RemoteError",
+    "StrictModeError",
+    "Trace",
+    "TraceError",
+    "__version__",
+    "save",
+]

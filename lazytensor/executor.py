@@ -1,0 +1,416 @@
+"""Executor: replays an intervention graph inside one run of a model.
+
+The executor hooks only the modules the graph touches. When a hook fires it makes that moment
+of the forward pass (a module's input or output at its n-th call) *active*, then runs every
+node that is ready, in recording order: point nodes of the active moment, and compute nodes
+whose arguments all exist. Each node runs on real tensors at the moment its inputs exist,
+with the aliasing and in-place behaviour of the same code written by hand in a hook. Values
+are dropped as soon as no later node needs them. Hooks are removed when the run ends, also
+on error.
+
+A node that cannot run when its moment passes (it needs a value the forward computes later),
+or whose moment never comes (a module never called, an iteration that never happened), is a
+:class:`~lazytensor.errors.NodeFailure` naming that node; replay never skips work silently.
+
+The op vocabulary of :mod:`lazytensor.graph` is this class's method names: replaying a node
+is ``getattr(self, node.op)(node)``. The executor never imports the recorder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import ops, rows
+from .errors import GraphError, NodeFailure
+from .graph import EVERY_CALL, Const, Graph, Node, Ref
+
+_PRE, _POST, _RESULT = "pre", "post", "result"
+_KIND = {"input": _PRE, "inputs": _PRE, "set_input": _PRE, "set_inputs": _PRE,
+         "output": _POST, "set_output": _POST, "result": _RESULT}  # fmt: skip
+_RESULT_KEY = ("", _RESULT)
+
+
+@dataclass
+class Batch:
+    """What the model is run on: ``model(*args, **kwargs)`` or ``model.generate(...)``."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    size: int = 1
+    generate: bool = False
+
+
+class _Stop(Exception):
+    """Raised inside the forward once the value a materialization asked for exists."""
+
+
+class Executor:
+    """Runs ``graph`` inside one run of ``model`` on ``batch``.
+
+    Args:
+        model: the module the graph's paths are relative to.
+        graph: the recorded program.
+        batch: the inputs of the run.
+        stop_at: stop the forward as soon as this node has run (a materialization).
+        fake_mode: a ``FakeTensorMode`` to run in for shape propagation; then every point node
+            matches the first call, nothing is required to run, and all values are returned.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        graph: Graph,
+        batch: Batch,
+        *,
+        stop_at: int | None = None,
+        fake_mode: Any = None,
+    ) -> None:
+        self.model, self.graph, self.batch = model, graph, batch
+        self.stop_at, self.fake_mode = stop_at, fake_mode
+        nodes = graph.nodes
+        self.deps = [sorted(set(node.refs())) for node in nodes]
+        self.users: list[list[int]] = [[] for _ in nodes]
+        for i, deps in enumerate(self.deps):
+            for d in deps:
+                self.users[d].append(i)
+        self.points: dict[tuple[str, str], list[int]] = {}
+        self.key_of: dict[int, tuple[str, str]] = {}
+        for node in nodes:
+            if node.is_point:
+                key = (node.target, _KIND[node.op])
+                self.points.setdefault(key, []).append(node.id)
+                self.key_of[node.id] = key
+        self.home = self._homes(nodes)
+        self.repeating = self._repeating(nodes)
+        self.keep = set(graph.saved) | ({stop_at} if stop_at is not None else set())
+        self.values: list[Any] = [None] * len(nodes)
+        self.done = [False] * len(nodes)
+        self.waiting = [len(d) for d in self.deps]
+        self.pending_users = [len(u) for u in self.users]
+        self.ran_at: dict[int, tuple] = {}
+        self.heap: list[int] = []
+        self.calls: dict[tuple[str, str], int] = dict.fromkeys(self.points, 0)
+        self.active: tuple | None = None
+        self.current: Any = None
+        self.replaced = False
+        self.suspended = 0
+
+    # -- planning -------------------------------------------------------------------------
+    def _homes(self, nodes: list[Node]) -> list[int | None]:
+        """For each node, the point read whose memory it aliases (for mutation checks)."""
+        home: list[int | None] = [None] * len(nodes)
+        for node in nodes:
+            if node.op in ("input", "inputs", "output", "result"):
+                home[node.id] = node.id
+            elif ops.is_view(node.op, node.target) or ops.is_mutation(node.op, node.target):
+                first = node.args[0] if node.args else None
+                home[node.id] = home[first.id] if isinstance(first, Ref) else None
+        return home
+
+    def _repeating(self, nodes: list[Node]) -> set[int]:
+        """Nodes downstream of a point node that runs at every call."""
+        found = {n.id for n in nodes if n.is_point and n.call == EVERY_CALL}
+        for node in nodes:  # recording order is a topological order
+            if node.id not in found and any(d in found for d in self.deps[node.id]):
+                found.add(node.id)
+        return found
+
+    def _module(self, path: str, node: int) -> torch.nn.Module:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError as exc:
+            raise NodeFailure(node, AttributeError(f"the model has no module {path!r}")) from exc
+
+    # -- running --------------------------------------------------------------------------
+    def run(self) -> dict[int, Any]:
+        """Run the model with the graph inside it; return the saved (or, fake: all) values."""
+        handles = self._install()
+        fake = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
+        try:
+            with torch.no_grad(), fake:
+                batch = self._fake_batch() if self.fake_mode is not None else self.batch
+                try:
+                    self._schedule(
+                        i for i, w in enumerate(self.waiting) if w == 0 and i not in self.key_of
+                    )
+                    self._drain()
+                    self.current = self._call_model(batch)
+                    self._fire(_RESULT_KEY)
+                except _Stop:
+                    return {self.stop_at: self.values[self.stop_at]}
+        finally:
+            for handle in handles:
+                handle.remove()
+        if self.fake_mode is not None:
+            return {i: v for i, v in enumerate(self.values) if self.done[i]}
+        self._check_all_ran()
+        return {i: self.values[i] for i in self.graph.saved}
+
+    def _install(self) -> list[Any]:
+        handles = []
+        try:
+            for key, ids in self.points.items():
+                path, kind = key
+                if kind == _RESULT:
+                    continue
+                module = self._module(path, ids[0])
+                if kind == _PRE:
+                    hook = module.register_forward_pre_hook(self._pre_hook(key), with_kwargs=True)
+                else:
+                    hook = module.register_forward_hook(self._post_hook(key))
+                handles.append(hook)
+            self.modules = {
+                n.target: self._module(n.target, n.id) for n in self.graph.nodes if n.op == "module"
+            }
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return handles
+
+    def _fake_batch(self) -> Batch:
+        mode, b = self.fake_mode, self.batch
+        convert = lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        kwargs = {k: convert(v) for k, v in b.kwargs.items()}
+        return Batch(tuple(convert(a) for a in b.args), kwargs, b.size, False)
+
+    def _call_model(self, batch: Batch) -> Any:
+        if batch.generate:
+            return self.model.generate(*batch.args, **batch.kwargs)
+        return self.model(*batch.args, **batch.kwargs)
+
+    def _pre_hook(self, key: tuple[str, str]):
+        def hook(module, args, kwargs):
+            if self.suspended:
+                return None
+            self.current, self.replaced = (args, kwargs), False
+            self._fire(key)
+            new, self.current = self.current, None
+            return new if self.replaced else None
+
+        return hook
+
+    def _post_hook(self, key: tuple[str, str]):
+        def hook(module, args, output):
+            if self.suspended:
+                return None
+            self.current, self.replaced = output, False
+            self._fire(key)
+            new, self.current = self.current, None
+            return new if self.replaced else None
+
+        return hook
+
+    def _fire(self, key: tuple[str, str]) -> None:
+        """Make ``key`` at its next call the active moment and run everything now ready."""
+        call = self.calls.get(key, 0)
+        self.calls[key] = call + 1
+        here = [i for i in self.points.get(key, ()) if self._matches(i, call)]
+        if not here:
+            return
+        self.active = (key, call)
+        for i in here:
+            if self.done[i]:
+                self._reset(i)
+        self._schedule(i for i in here if self.waiting[i] == 0)
+        self._drain()
+        for i in here:
+            if not self.done[i] and self.fake_mode is None:
+                raise NodeFailure(
+                    i,
+                    GraphError(
+                        f"this needs a value that is computed later in the forward pass, after "
+                        f"{_describe(self.graph.nodes[i])} has already run"
+                    ),
+                    "read values in the order the model computes them",
+                )
+        self.active = None
+
+    def _matches(self, i: int, call: int) -> bool:
+        wanted = self.graph.nodes[i].call
+        return wanted == call or wanted == EVERY_CALL or (self.fake_mode is not None and call == 0)
+
+    def _is_active(self, i: int) -> bool:
+        return (
+            self.active is not None
+            and self.key_of[i] == self.active[0]
+            and self._matches(i, self.active[1])
+        )
+
+    def _schedule(self, ids) -> None:
+        for i in ids:
+            heapq.heappush(self.heap, i)
+
+    def _drain(self) -> None:
+        heap, done = self.heap, self.done
+        while heap:
+            i = heapq.heappop(heap)
+            if not done[i]:
+                self._run_node(i)
+
+    def _run_node(self, i: int) -> None:
+        node = self.graph.nodes[i]
+        try:
+            value = getattr(self, node.op)(node)
+        except (_Stop, NodeFailure):
+            raise
+        except Exception as exc:
+            if self.fake_mode is not None and _is_data_dependent(exc):
+                raise NodeFailure(
+                    i,
+                    exc,
+                    "this op's output shape depends on tensor values, "
+                    "so it is unknown inside the trace; use it after the trace",
+                )
+            raise NodeFailure(i, exc) from exc
+        self.values[i], self.done[i] = value, True
+        if i in self.key_of:
+            self.ran_at[i] = self.active
+        for d in self.deps[i]:
+            self.pending_users[d] -= 1
+            if self.pending_users[d] == 0 and d not in self.keep and d not in self.repeating:
+                self.values[d] = None
+        for u in self.users[i]:
+            self.waiting[u] -= 1
+            if self.waiting[u] == 0 and (u not in self.key_of or self._is_active(u)):
+                heapq.heappush(self.heap, u)
+        if i == self.stop_at:
+            raise _Stop
+
+    def _reset(self, start: int) -> None:
+        """Forget a repeating point node and everything computed from it, to run again."""
+        stale = {start}
+        for node in self.graph.nodes[start + 1 :]:
+            if node.id in self.repeating and any(d in stale for d in self.deps[node.id]):
+                stale.add(node.id)
+        for i in stale:
+            self.done[i], self.values[i] = False, self.values[i] if i in self.keep else None
+        for i in stale:
+            self.waiting[i] = sum(1 for d in self.deps[i] if not self.done[d])
+            self.pending_users[i] = len(self.users[i])
+
+    def _check_all_ran(self) -> None:
+        for node in self.graph.nodes:
+            if not self.done[node.id] and node.id in self.key_of:
+                key = self.key_of[node.id]
+                calls = self.calls.get(key, 0)
+                if calls == 0:
+                    what = f"{_describe(node)} never happened: the module was never called"
+                else:
+                    what = (
+                        f"{_describe(node)} at call {node.call} never happened: the "
+                        f"module ran {calls} time(s)"
+                    )
+                raise NodeFailure(
+                    node.id, GraphError(what), "check the module path and the iteration range"
+                )
+
+    # -- argument resolution ---------------------------------------------------------------
+    def _value(self, arg: Any) -> Any:
+        if isinstance(arg, Ref):
+            return self.values[arg.id]
+        if isinstance(arg, Const):
+            value = self.graph.constants[arg.index]
+            if self.fake_mode is not None and isinstance(value, torch.Tensor):
+                value = self.fake_mode.from_tensor(value)
+            return value
+        if isinstance(arg, (tuple, list)):
+            return type(arg)(self._value(a) for a in arg)
+        if isinstance(arg, dict):
+            return {k: self._value(v) for k, v in arg.items()}
+        if isinstance(arg, slice):
+            return slice(self._value(arg.start), self._value(arg.stop), self._value(arg.step))
+        return arg
+
+    def _args(self, node: Node) -> tuple[tuple, dict]:
+        return self._value(node.args), self._value(node.kwargs)
+
+    def _check_write(self, node: Node) -> None:
+        first = node.args[0] if node.args else None
+        home = self.home[first.id] if isinstance(first, Ref) else None
+        if home is not None and self.ran_at.get(home) != self.active:
+            raise GraphError(
+                f"this writes into {_describe(self.graph.nodes[home])}, which the forward pass "
+                "has already used, and it can only run later because it needs a value "
+                "computed after that"
+            )
+
+    # -- the op vocabulary (one method per member of graph.OPS) ---------------------------
+    def output(self, node: Node) -> Any:
+        return rows.narrow(self.current, node.rows, self.batch.size)
+
+    def result(self, node: Node) -> Any:
+        return rows.narrow(self.current, node.rows, self.batch.size)
+
+    def input(self, node: Node) -> Any:
+        args, kwargs = self.current
+        first = args[0] if args else next(iter(kwargs.values()))
+        return rows.narrow(first, node.rows, self.batch.size)
+
+    def inputs(self, node: Node) -> Any:
+        return rows.narrow(self.current, node.rows, self.batch.size)
+
+    def set_output(self, node: Node) -> None:
+        new = self._value(node.args[0])
+        self.current = rows.replace(self.current, new, node.rows, self.batch.size)
+        self.replaced = True
+
+    def set_input(self, node: Node) -> None:
+        args, kwargs = self.current
+        new = self._value(node.args[0])
+        if args:
+            first = rows.replace(args[0], new, node.rows, self.batch.size)
+            self.current = ((first, *args[1:]), kwargs)
+        else:
+            name = next(iter(kwargs))
+            first = rows.replace(kwargs[name], new, node.rows, self.batch.size)
+            self.current = (args, {**kwargs, name: first})
+        self.replaced = True
+
+    def set_inputs(self, node: Node) -> None:
+        new_args, new_kwargs = self._value(node.args[0])
+        args, kwargs = rows.replace(
+            self.current, (tuple(new_args), dict(new_kwargs)), node.rows, self.batch.size
+        )
+        self.current, self.replaced = (tuple(args), dict(kwargs)), True
+
+    def function(self, node: Node) -> Any:
+        if ops.is_mutation(node.op, node.target):
+            self._check_write(node)
+        args, kwargs = self._args(node)
+        return ops.resolve_function(node.target)(*args, **kwargs)
+
+    def method(self, node: Node) -> Any:
+        if ops.is_mutation(node.op, node.target):
+            self._check_write(node)
+        (obj, *args), kwargs = self._args(node)
+        return getattr(obj, ops.check_method(node.target))(*args, **kwargs)
+
+    def getattr(self, node: Node) -> Any:
+        return getattr(self._value(node.args[0]), ops.check_attribute(node.target))
+
+    def module(self, node: Node) -> Any:
+        args, kwargs = self._args(node)
+        self.suspended += 1
+        try:
+            return self.modules[node.target](*args, **kwargs)
+        finally:
+            self.suspended -= 1
+
+
+def _describe(node: Node) -> str:
+    where = node.target or "the model"
+    kind = {"set_input": "input", "set_inputs": "inputs", "set_output": "output"}.get(
+        node.op, node.op
+    )
+    return f"{where}.{kind}" if node.op != "result" else "the run's result"
+
+
+def _is_data_dependent(exc: Exception) -> bool:
+    name = type(exc).__name__
+    return "DataDependent" in name or "DynamicOutputShape" in name

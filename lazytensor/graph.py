@@ -1,0 +1,160 @@
+"""The intervention graph: one node type shared by the recorder, the wire and the executor.
+
+A :class:`Node` is one operation the user wrote inside a trace. Its ``op`` is a member of the
+closed vocabulary :data:`OPS`, each member the name of a method of
+:class:`lazytensor.executor.Executor`. Arguments are plain data: Python scalars, strings,
+slices, ``Ellipsis``, tuples/lists/dicts of these, ``torch.dtype``/``torch.device``, a
+:class:`Ref` to an earlier node, or a :class:`Const` naming a tensor in ``Graph.constants``.
+There are no closures and no Python objects, so a graph can be sent anywhere as data.
+
+Structure and values are separate: ``Graph.nodes`` is the program, ``Graph.constants`` holds
+the tensors the user closed over, so two traces that differ only in those tensors share a
+:meth:`Graph.structure_key` (what a compiled replay will cache on).
+
+Point ops read or replace a value at a moment of the forward pass: a module's ``input``,
+``inputs`` or ``output`` at its ``call``-th invocation (``EVERY_CALL`` for all of them), for
+batch ``rows`` (``None`` = the whole batch), and ``result`` (the return value of the run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import Site
+
+#: Every op a node may carry; each is also an ``Executor`` method name.
+POINT_READS = ("input", "inputs", "output", "result")
+POINT_WRITES = ("set_input", "set_inputs", "set_output")
+COMPUTE = ("function", "method", "module", "getattr")
+OPS = frozenset(POINT_READS + POINT_WRITES + COMPUTE)
+
+#: ``Node.call`` for nodes recorded under ``tracer.all()``: they run at every call.
+EVERY_CALL = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """An argument that is the value of node ``id``."""
+
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Const:
+    """An argument that is the tensor ``Graph.constants[index]``."""
+
+    index: int
+
+
+@dataclass(slots=True)
+class Node:
+    """One recorded operation.
+
+    Attributes:
+        id: position in ``Graph.nodes``.
+        op: a member of :data:`OPS`.
+        target: for point ops and ``module``, the module path (``""`` is the root); for
+            ``function`` an allow-listed function name (``"torch.add"``); for ``method`` a
+            tensor method name; for ``getattr`` the attribute name.
+        args, kwargs: plain-data arguments (see the module docstring).
+        call: for point ops, which invocation of the module (``EVERY_CALL`` = all).
+        rows: for point ops, the batch rows ``(start, stop)`` this node sees, or ``None``.
+    """
+
+    id: int
+    op: str
+    target: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    call: int = 0
+    rows: tuple[int, int] | None = None
+
+    @property
+    def is_point(self) -> bool:
+        return self.op in POINT_READS or self.op in POINT_WRITES
+
+    def refs(self) -> list[int]:
+        """Ids of the nodes this node reads, in argument order."""
+        found: list[int] = []
+        _collect_refs(self.args, found)
+        _collect_refs(self.kwargs, found)
+        return found
+
+
+def _collect_refs(value: Any, found: list[int]) -> None:
+    if isinstance(value, Ref):
+        found.append(value.id)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _collect_refs(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect_refs(item, found)
+    elif isinstance(value, slice):
+        _collect_refs((value.start, value.stop, value.step), found)
+
+
+@dataclass
+class Graph:
+    """A recorded program: nodes in recording order, the tensors they use, what to return.
+
+    ``sites`` runs parallel to ``nodes`` and holds each node's user ``file:line``; it is
+    metadata for error messages and never changes what the graph computes.
+    """
+
+    nodes: list[Node] = field(default_factory=list)
+    constants: list[Any] = field(default_factory=list)
+    saved: list[int] = field(default_factory=list)
+    sites: list[Site | None] = field(default_factory=list)
+
+    def add(
+        self,
+        op: str,
+        target: str,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        call: int = 0,
+        rows: tuple[int, int] | None = None,
+        site: Site | None = None,
+    ) -> Node:
+        assert op in OPS, op
+        node = Node(len(self.nodes), op, target, args, kwargs or {}, call, rows)
+        self.nodes.append(node)
+        self.sites.append(site)
+        return node
+
+    def constant(self, tensor: Any) -> Const:
+        """Store ``tensor`` once (by identity) and return the argument that names it."""
+        for index, known in enumerate(self.constants):
+            if known is tensor:
+                return Const(index)
+        self.constants.append(tensor)
+        return Const(len(self.constants) - 1)
+
+    def save(self, node_id: int) -> None:
+        if node_id not in self.saved:
+            self.saved.append(node_id)
+
+    def prefix(self, stop: int) -> Graph:
+        """The graph of nodes ``0..stop`` inclusive, saving only node ``stop``."""
+        return Graph(self.nodes[: stop + 1], self.constants, [stop], self.sites[: stop + 1])
+
+    def structure_key(self) -> tuple:
+        """A hashable key equal for graphs that differ only in constant *values*."""
+        consts = tuple((tuple(t.shape), str(t.dtype)) for t in self.constants)
+        nodes = tuple(
+            (n.op, n.target, _freeze(n.args), _freeze(n.kwargs), n.call, n.rows) for n in self.nodes
+        )
+        return nodes, consts, tuple(self.saved)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(_freeze(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return ("slice", _freeze(value.start), _freeze(value.stop), _freeze(value.step))
+    return value

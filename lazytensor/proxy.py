@@ -1,0 +1,186 @@
+"""Proxy: a stand-in for a value the forward pass has not computed yet.
+
+A proxy is one node of its trace's graph. Everything done to it (torch functions through
+``__torch_function__``, tensor methods, Python operators, indexing, attribute access) asks its
+trace to record a new node and returns the new node's proxy. The proxy records; the trace
+decides: what ``bool``, ``len``, ``.item()`` or ``print`` do is the trace's policy
+(:meth:`lazytensor.trace.Trace.materialize`), and after the ``with`` block the trace answers
+with real values, so a saved proxy then behaves like the value it stands for.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import ops
+
+if TYPE_CHECKING:
+    from .trace import Trace
+
+
+class Proxy:
+    """A lazy value: node ``node`` of ``trace``'s graph."""
+
+    __slots__ = ("_trace", "_node")
+
+    def __init__(self, trace: Trace, node: int) -> None:
+        object.__setattr__(self, "_trace", trace)
+        object.__setattr__(self, "_node", node)
+
+    # -- the public surface -------------------------------------------------------------
+    def save(self) -> Proxy:
+        """Keep this value after the trace; returns ``self``."""
+        self._trace.save(self)
+        return self
+
+    @property
+    def value(self) -> Any:
+        """The real value (after the trace, or once materialized)."""
+        return self._trace.value_of(self)
+
+    @property
+    def shape(self) -> Any:
+        return self._trace.attribute(self, "shape")
+
+    @property
+    def dtype(self) -> Any:
+        return self._trace.attribute(self, "dtype")
+
+    @property
+    def device(self) -> Any:
+        return self._trace.attribute(self, "device")
+
+    @property
+    def ndim(self) -> Any:
+        return self._trace.attribute(self, "ndim")
+
+    # -- recording ------------------------------------------------------------------------
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        trace = _trace_of(args, kwargs)
+        return trace.apply_torch(func, args, kwargs or {})
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._trace.attribute(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._trace.set_attribute(self, name, value)
+
+    def __getitem__(self, key: Any) -> Proxy:
+        return self._trace.apply("function", "operator.getitem", (self, key))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._trace.apply("function", "operator.setitem", (self, key, value))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._trace.call_value(self, args, kwargs)
+
+    # -- materialization points (policy lives in Trace.materialize) ------------------------
+    def __bool__(self) -> bool:
+        return self._trace.materialize(self, bool)
+
+    def __int__(self) -> int:
+        return self._trace.materialize(self, int)
+
+    def __float__(self) -> float:
+        return self._trace.materialize(self, float)
+
+    def __index__(self) -> int:
+        return self._trace.materialize(self, _index)
+
+    def __repr__(self) -> str:
+        return self._trace.materialize(self, repr)
+
+    def __str__(self) -> str:
+        return self._trace.materialize(self, str)
+
+    def __format__(self, spec: str) -> str:
+        return self._trace.materialize(self, lambda v: format(v, spec))
+
+    def __len__(self) -> int:
+        return self._trace.length(self)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __contains__(self, item: Any) -> bool:
+        return self._trace.materialize(self, lambda v: item in v)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._trace.materialize(self, lambda v: v.__array__(*args, **kwargs))
+
+    def __reduce__(self):
+        from .errors import TraceError
+
+        raise TraceError("a proxy cannot be pickled; save it and pickle .value after the trace")
+
+
+def _index(value: Any) -> int:
+    return value.__index__()
+
+
+def _trace_of(args: Any, kwargs: Any) -> Trace:
+    for item in (*args, *(kwargs or {}).values()):
+        if isinstance(item, Proxy):
+            return item._trace
+        if isinstance(item, (tuple, list)):
+            for inner in item:
+                if isinstance(inner, Proxy):
+                    return inner._trace
+    raise AssertionError("__torch_function__ reached Proxy without a proxy argument")
+
+
+def _binary(name: str):
+    target = ops.DUNDERS[name]
+
+    def method(self: Proxy, other: Any) -> Any:
+        return self._trace.apply("function", target, (self, other))
+
+    method.__name__ = name
+    return method
+
+
+def _reflected(name: str):
+    target = ops.REFLECTED[name]
+
+    def method(self: Proxy, other: Any) -> Any:
+        return self._trace.apply("function", target, (other, self))
+
+    method.__name__ = name
+    return method
+
+
+def _unary(name: str):
+    target = ops.DUNDERS[name]
+
+    def method(self: Proxy) -> Any:
+        return self._trace.apply("function", target, (self,))
+
+    method.__name__ = name
+    return method
+
+
+def _inplace(name: str):
+    target = ops.INPLACE[name]
+
+    def method(self: Proxy, other: Any) -> Any:
+        return self._trace.apply("method", target, (self, other))
+
+    method.__name__ = name
+    return method
+
+
+for _name in ops.DUNDERS:
+    if _name in ("__getitem__", "__setitem__"):
+        continue
+    _unary_names = ("__neg__", "__pos__", "__abs__", "__invert__")
+    setattr(Proxy, _name, _unary(_name) if _name in _unary_names else _binary(_name))
+for _name in ops.REFLECTED:
+    setattr(Proxy, _name, _reflected(_name))
+for _name in ops.INPLACE:
+    setattr(Proxy, _name, _inplace(_name))

@@ -1,0 +1,473 @@
+"""Trace: the ``with model.trace(...)`` block that records an intervention graph and runs it.
+
+A trace is RECORDING while its block runs: envoys and proxies ask it to add nodes to its
+:class:`~lazytensor.graph.Graph`, each tagged with the user's ``file:line``. It is also where
+policy lives: what a proxy's ``bool()``/``.item()``/``print`` do (a *materialization*: run
+the graph recorded so far, stop the forward once the value exists, and go on recording), how
+``.shape`` is answered without running the model (fake-tensor propagation), which batch rows
+an invoke sees and which call of a module an iteration step means. At the end of the block
+the whole graph runs once, locally or remotely, and the trace becomes DONE (or FAILED);
+saved proxies then answer with their real values.
+
+Tracing state is per thread and per context (:mod:`contextvars`); importing lazytensor
+patches nothing, and the torch-function mode that captures factory calls such as
+``torch.zeros`` is active only inside the block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from . import ops
+from .errors import NodeFailure, Site, StrictModeError, TraceError, at_site
+from .graph import EVERY_CALL, Graph, Ref
+from .proxy import Proxy
+
+if TYPE_CHECKING:
+    from .model import Model
+
+log = logging.getLogger("lazytensor")
+
+_current: ContextVar[Trace | None] = ContextVar("lazytensor_trace", default=None)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_META_ATTRIBUTES = frozenset(("shape", "dtype", "device", "ndim", "is_cuda", "layout"))
+_META_METHODS = frozenset(("size", "dim", "numel", "ndimension", "nelement", "element_size",
+                           "is_floating_point", "is_contiguous"))  # fmt: skip
+_VALUE_METHODS = frozenset(("item", "tolist", "numpy"))
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), torch.dtype,
+          torch.device)  # fmt: skip
+
+
+class State(enum.Enum):
+    RECORDING = "recording"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def current() -> Trace | None:
+    """The trace being recorded in this thread/context, if any."""
+    return _current.get()
+
+
+class Trace:
+    """One ``with`` block: records a graph, then runs it on the model.
+
+    Created by :meth:`lazytensor.Model.trace` / :meth:`lazytensor.LanguageModel.generate`;
+    not constructed directly.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        inputs: tuple[tuple, dict] | None,
+        *,
+        generate: bool = False,
+        options: dict | None = None,
+        strict: bool = False,
+        remote: Any = False,
+    ) -> None:
+        self.model = model
+        self.graph = Graph()
+        self.state = State.RECORDING
+        self.generate = generate
+        self.options = options or {}
+        self.strict = strict
+        self.remote = remote
+        self.parts: list[Any] = []
+        self.size = 0
+        self.rows: tuple[int, int] | None = None
+        self.call = 0
+        self.values: dict[int, Any] = {}
+        self.synced: dict[int, Any] = {}
+        self.fake: dict[int, Any] = {}
+        self._fake_mode: Any = None
+        self._warned: set[Site | None] = set()
+        self._in_invoke = False
+        self._token: Any = None
+        self._mode: _Recorder | None = None
+        if inputs is not None:
+            self._add_part(*inputs)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def __enter__(self) -> Trace:
+        if self.state is not State.RECORDING or self._token is not None:
+            raise TraceError(f"a trace can be entered once; this one is {self.state.value}")
+        self._token = _current.set(self)
+        self._mode = _Recorder(self)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._mode.__exit__(exc_type, exc, tb)
+        _current.reset(self._token)
+        if exc_type is not None:
+            self.state = State.FAILED
+            return False
+        try:
+            self.values = self._run(self.graph, stop_at=None)
+        except BaseException:
+            self.state = State.FAILED
+            raise
+        self.state = State.DONE
+        self.synced.clear()
+        self.fake.clear()
+        self._fake_mode = None
+        return False
+
+    def _check_recording(self) -> None:
+        if self.state is not State.RECORDING:
+            raise TraceError(
+                f"this trace is {self.state.value}; it records only inside its `with` block"
+            )
+
+    # -- invokes and iteration --------------------------------------------------------------
+    @contextlib.contextmanager
+    def invoke(self, *args: Any, **kwargs: Any) -> Iterator[Trace]:
+        """Add inputs as extra batch rows; proxies inside see and write only those rows.
+
+        With no inputs, the invoke sees the whole batch.
+        """
+        self._check_recording()
+        if self._in_invoke:
+            raise TraceError("invokes cannot be nested; close one before opening the next")
+        rows = self._add_part(args, kwargs) if (args or kwargs) else None
+        previous, self.rows, self._in_invoke = self.rows, rows, True
+        try:
+            yield self
+        finally:
+            self.rows, self._in_invoke = previous, False
+
+    def _add_part(self, args: tuple, kwargs: dict) -> tuple[int, int]:
+        part = self.model._prepare(args, kwargs)
+        start = self.size
+        self.size += part.size
+        self.parts.append(part)
+        return (start, self.size)
+
+    @contextlib.contextmanager
+    def all(self) -> Iterator[None]:
+        """Apply what is recorded inside at every call of the modules it touches."""
+        previous, self.call = self.call, EVERY_CALL
+        try:
+            yield
+        finally:
+            self.call = previous
+
+    @property
+    def iter(self) -> _Steps:
+        """``tracer.iter[0:8]`` yields steps; inside step i, module access means call i."""
+        return _Steps(self)
+
+    @property
+    def result(self) -> Proxy:
+        """The return value of the run (for ``generate``, the generated token ids)."""
+        return self.read("", "result")
+
+    # -- recording --------------------------------------------------------------------------
+    def read(self, path: str, op: str) -> Proxy:
+        self._check_recording()
+        node = self.graph.add(op, path, call=self.call, rows=self.rows, site=_site())
+        return Proxy(self, node.id)
+
+    def write(self, path: str, op: str, value: Any) -> None:
+        self._check_recording()
+        self.graph.add(op, path, (self._arg(value),), call=self.call, rows=self.rows, site=_site())
+
+    def apply(self, op: str, target: str, args: tuple, kwargs: dict | None = None) -> Any:
+        """Record ``op`` (or, after the block, compute it on the real values)."""
+        if self.state is State.DONE:
+            return _eager(op, target, _unwrap(args), _unwrap(kwargs or {}))
+        self._check_recording()
+        if op == "function":
+            ops.resolve_function(target)
+        elif op == "method":
+            ops.check_method(target)
+        node = self.graph.add(op, target, self._arg(args), self._arg(kwargs or {}), site=_site())
+        return Proxy(self, node.id)
+
+    def apply_torch(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """Record a call that reached ``__torch_function__``."""
+        if self.state is State.DONE:
+            return func(*_unwrap(args), **_unwrap(kwargs))
+        name = getattr(func, "__name__", "")
+        if name in ops.DUNDERS and getattr(torch.Tensor, name, None) is func:
+            return self.apply("function", ops.DUNDERS[name], args, kwargs)
+        if name in ops.REFLECTED and getattr(torch.Tensor, name, None) is func:
+            return self.apply("function", ops.REFLECTED[name], args[::-1], kwargs)
+        if name in ops.INPLACE and getattr(torch.Tensor, name, None) is func:
+            return self.apply("method", ops.INPLACE[name], args, kwargs)
+        if getattr(torch.Tensor, name, None) is func and ops.is_method(name):
+            return self.apply("method", name, args, kwargs)
+        return self.apply("function", ops.function_name(func), args, kwargs)
+
+    def save(self, proxy: Proxy) -> None:
+        if proxy._trace is not self:
+            raise TraceError("this proxy belongs to another trace")
+        if self.state is State.RECORDING:
+            self.graph.save(proxy._node)
+
+    def _arg(self, value: Any) -> Any:
+        """Turn a user value into graph data: proxies become refs, tensors constants."""
+        if isinstance(value, Proxy):
+            if value._trace is self:
+                return Ref(value._node)
+            return self._arg(value._trace.value_of(value))
+        if isinstance(value, _PLAIN):
+            return value
+        if isinstance(value, torch.Tensor):
+            return self.graph.constant(value)
+        if isinstance(value, torch.Size):
+            return tuple(value)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._arg(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._arg(v) for k, v in value.items()}
+        if isinstance(value, slice):
+            return slice(self._arg(value.start), self._arg(value.stop), self._arg(value.step))
+        if isinstance(value, range):
+            return list(value)
+        raise TraceError(
+            f"a {type(value).__name__} cannot be used inside a trace at {_site()}: a graph "
+            "holds only tensors, numbers, strings, slices, dtypes, devices and containers of "
+            "them; compute with it outside the trace or pass a tensor instead"
+        )
+
+    # -- policy: attributes, materialization, shapes ------------------------------------------
+    def attribute(self, proxy: Proxy, name: str) -> Any:
+        if self.state is State.DONE:
+            return getattr(self.value_of(proxy), name)
+        if name in _META_ATTRIBUTES:
+            return getattr(self.meta(proxy), name)
+        if name in _META_METHODS:
+            return getattr(self.meta(proxy), name)
+        if name in _VALUE_METHODS:
+            return lambda *a, **k: self.materialize(proxy, lambda v: getattr(v, name)(*a, **k))
+        if ops.is_method(name):
+            return _Method(self, proxy, name)
+        return self.apply("getattr", ops.check_attribute(name), (proxy,))
+
+    def set_attribute(self, proxy: Proxy, name: str, value: Any) -> None:
+        raise TraceError(
+            f"cannot set attribute {name!r} on a proxy at {_site()}; "
+            "assign to a module's .output/.input instead"
+        )
+
+    def call_value(self, proxy: Proxy, args: tuple, kwargs: dict) -> Any:
+        if self.state is State.DONE:
+            return self.value_of(proxy)(*args, **kwargs)
+        raise TraceError(f"a proxy is not callable inside a trace (at {_site()})")
+
+    def value_of(self, proxy: Proxy) -> Any:
+        i = proxy._node
+        if self.state is State.DONE:
+            if i in self.values:
+                return self.values[i]
+            raise TraceError(
+                f"the value recorded at {self.graph.sites[i]} was not saved: "
+                "call .save() on it inside the trace to read it afterwards"
+            )
+        if self.state is State.FAILED:
+            raise TraceError("the trace failed, so it has no values")
+        return self.materialize(proxy, lambda v: v)
+
+    def length(self, proxy: Proxy) -> int:
+        if self.state is State.DONE:
+            return len(self.value_of(proxy))
+        return len(self.meta(proxy))
+
+    def materialize(self, proxy: Proxy, how: Any) -> Any:
+        """A sync point: run the graph so far until ``proxy`` exists, return ``how(value)``."""
+        if self.state is not State.RECORDING:
+            return how(self.value_of(proxy))
+        site = _site()
+        if self.strict:
+            raise StrictModeError(
+                f"materialization at {site}: reading a real value inside a strict trace "
+                "runs the model early; save it and read it after the trace, or drop strict=True"
+            )
+        if site not in self._warned:
+            self._warned.add(site)
+            log.warning(
+                "%s: reading a real value inside a trace runs the forward pass up to "
+                "it now (a sync point); save it and read it after the trace to avoid "
+                "the extra pass",
+                site,
+            )
+        i = proxy._node
+        if i not in self.synced:
+            self.synced[i] = self._run(self.graph.prefix(i), stop_at=i)[i]
+        return how(self.synced[i])
+
+    def meta(self, proxy: Proxy) -> Any:
+        """A fake (shape-only) value for ``proxy``, computed without running the model."""
+        i = proxy._node
+        if i in self.synced:
+            return self.synced[i]
+        if i not in self.fake:
+            self.fake.update(
+                self.model._execute(
+                    self.graph.prefix(i), self._batch(), fake_mode=self._fake(), remote=self.remote
+                )
+                if not self._can_propagate(i)
+                else self._propagate(i)
+            )
+        if i not in self.fake:
+            raise TraceError(
+                f"the shape of the value at {self.graph.sites[i]} cannot be known "
+                "inside the trace (it never ran in a shape-only pass)"
+            )
+        return self.fake[i]
+
+    def _can_propagate(self, i: int) -> bool:
+        node = self.graph.nodes[i]
+        return not node.is_point and all(d in self.fake for d in node.refs())
+
+    def _propagate(self, i: int) -> dict[int, Any]:
+        from .executor import Batch, Executor
+
+        ex = Executor(self.model._module, self.graph, Batch(), fake_mode=self._fake())
+        for d, v in self.fake.items():
+            ex.values[d] = v
+        node = self.graph.nodes[i]
+        try:
+            with self._fake():
+                value = getattr(ex, node.op)(node)
+        except Exception as exc:
+            raise at_site(exc, self.graph.sites[i]) from None
+        return {i: value}
+
+    def _fake(self) -> Any:
+        if self._fake_mode is None:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        return self._fake_mode
+
+    # -- running --------------------------------------------------------------------------
+    def _batch(self) -> Any:
+        if not self.parts:
+            raise TraceError(
+                "this trace has no inputs: pass them to .trace(...) or to an "
+                "invoke, e.g. `with tracer.invoke(prompt):`"
+            )
+        return self.model._batch(self.parts, generate=self.generate, options=self.options)
+
+    def _run(self, graph: Graph, stop_at: int | None) -> dict[int, Any]:
+        mode = self._mode
+        paused, mode.paused = mode.paused, True
+        try:
+            return self.model._execute(graph, self._batch(), stop_at=stop_at, remote=self.remote)
+        except NodeFailure as failure:
+            raise at_site(failure.error, self.graph.sites[failure.node], failure.hint) from None
+        finally:
+            mode.paused = paused
+
+
+class _Method:
+    """A tensor method looked up on a proxy, recorded when called."""
+
+    __slots__ = ("trace", "proxy", "name")
+
+    def __init__(self, trace: Trace, proxy: Proxy, name: str) -> None:
+        self.trace, self.proxy, self.name = trace, proxy, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.trace.apply("method", self.name, (self.proxy, *args), kwargs)
+
+
+class _Steps:
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+
+    def __getitem__(self, key: int | slice) -> Iterator[int]:
+        if isinstance(key, int):
+            return self._walk(range(key, key + 1))
+        stop = key.stop
+        if stop is None:
+            stop = self.trace.options.get("max_new_tokens")
+            if stop is None:
+                raise TraceError("tracer.iter[...] needs a stop, e.g. tracer.iter[0:4]")
+        return self._walk(range(key.start or 0, stop, key.step or 1))
+
+    def _walk(self, steps: range) -> Iterator[int]:
+        trace = self.trace
+        for step in steps:
+            previous, trace.call = trace.call, step
+            try:
+                yield step
+            finally:
+                trace.call = previous
+
+
+class _Recorder(TorchFunctionMode):
+    """Active inside a trace block: routes torch calls on proxies and factory calls."""
+
+    def __init__(self, trace: Trace) -> None:
+        super().__init__()
+        self.trace = trace
+        self.paused = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.paused and self.trace.state is State.RECORDING:
+            if _has_proxy(args) or _has_proxy(kwargs.values()):
+                return self.trace.apply_torch(func, args, kwargs)
+            if ops.factory_name(func) is not None:
+                return self.trace.apply_torch(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _has_proxy(items: Any) -> bool:
+    for item in items:
+        if isinstance(item, Proxy):
+            return True
+        if isinstance(item, (tuple, list)) and any(isinstance(i, Proxy) for i in item):
+            return True
+    return False
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, Proxy):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_unwrap(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    return value
+
+
+def _eager(op: str, target: str, args: tuple, kwargs: dict) -> Any:
+    if op == "function":
+        return ops.resolve_function(target)(*args, **kwargs)
+    if op == "method":
+        return getattr(args[0], target)(*args[1:], **kwargs)
+    if op == "getattr":
+        return getattr(args[0], target)
+    raise TraceError(f"{op} cannot run after the trace")
+
+
+def _site() -> Site | None:
+    """The innermost frame outside lazytensor and torch: the user's line."""
+    frame = sys._getframe(1)
+    torch_dir = os.path.dirname(torch.__file__)
+    while frame is not None:
+        file = frame.f_code.co_filename
+        if not (
+            file.startswith(_HERE)
+            or file.startswith(torch_dir)
+            or file.startswith("<frozen")
+            or file.endswith("contextlib.py")
+        ):
+            return Site(file, frame.f_lineno)
+        frame = frame.f_back
+    return None

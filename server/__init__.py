@@ -1,0 +1,1 @@
+"""lazytensor_server: the GPU server that runs traced requests against loaded models."""

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny language models built on disk once per session, and a tiny MLP.
+
+The language models are random-weight models from :mod:`lazytensor.tiny`, saved to a
+directory so tests load them through the real ``from_pretrained`` path. Tests that need
+randomness seed it themselves; no fixture relies on, or leaves behind, global RNG state.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from lazytensor.tiny import build_tiny_lm
+from models import TinyMLP
+
+
+@pytest.fixture(scope="session")
+def llama_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Directory of a tiny random ``LlamaForCausalLM`` (4 layers, GQA) and its tokenizer."""
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Directory of a tiny random ``GPT2LMHeadModel`` (4 layers) and its tokenizer."""
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture
+def tiny_mlp() -> TinyMLP:
+    """A fresh :class:`models.TinyMLP` with seed-0 weights, in eval mode."""
+    return TinyMLP(seed=0).eval()
