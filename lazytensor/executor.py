@@ -266,7 +266,7 @@ class Executor:
                     exc,
                     "this op's output shape depends on tensor values, "
                     "so it is unknown inside the trace; use it after the trace",
-                )
+                ) from exc
             raise NodeFailure(i, exc) from exc
         self.values[i], self.done[i] = value, True
         if i in self.key_of:
