@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .client import Client, connect
 from .envoy import Envoy
 from .errors import (
     GraphError,
@@ -39,6 +40,7 @@ def save(value: Any) -> Any:
 
 
 __all__ = [
+    "Client",
     "Envoy",
     "GraphError",
     "LanguageModel",
@@ -53,5 +55,6 @@ __all__ = [
     "Trace",
     "TraceError",
     "__version__",
+    "connect",
     "save",
 ]

@@ -22,7 +22,8 @@ from .envoy import Envoy
 from .errors import TraceError
 from .executor import Batch, Executor
 from .graph import Graph
-from .trace import Trace
+from .spec import ModuleSpec
+from .trace import Trace, current
 
 _TRACE_OPTIONS = ("strict", "remote")
 
@@ -47,21 +48,32 @@ class Model(Envoy):
         torch.Size([2, 4])
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, name: str | None = None) -> None:
         super().__init__(module)
+        object.__setattr__(self, "_name", name)
 
-    def trace(self, *args: Any, strict: bool = False, remote: Any = False, **kwargs: Any) -> Trace:
+    def trace(
+        self,
+        *args: Any,
+        strict: bool = False,
+        remote: Any = False,
+        blocking: bool = True,
+        **kwargs: Any,
+    ) -> Trace:
         """Open a trace; ``args``/``kwargs`` are the forward's inputs (one implicit invoke).
 
         Args:
             strict: raise instead of running the model early when a value is materialized.
-            remote: run on a server (``True`` for the configured one, or its address).
+            remote: run on a server: ``True`` for ``$LAZYTENSOR_SERVER``, an address such as
+                ``"tcp://host:5555"``, or a :class:`~lazytensor.client.Client`.
+            blocking: with ``remote``, ``False`` submits the graph at the end of the block and
+                returns at once; poll ``tracer.status()``, wait with ``tracer.result()``.
 
         Returns:
             A :class:`~lazytensor.trace.Trace` to use as a context manager.
         """
         inputs = (args, kwargs) if (args or kwargs) else None
-        return Trace(self, inputs, strict=strict, remote=remote)
+        return Trace(self, inputs, strict=strict, remote=self._remote(remote), blocking=blocking)
 
     # -- what a trace asks of a model ------------------------------------------------------
     def _prepare(self, args: tuple, kwargs: dict) -> Part:
@@ -102,9 +114,40 @@ class Model(Envoy):
         fake_mode: Any = None,
         remote: Any = False,
     ) -> dict[int, Any]:
+        """Run ``graph`` here or, with ``remote``, on a server; returns node id -> value."""
         if remote:
-            raise TraceError("remote execution needs a server: see lazytensor.connect")
+            client, name = self._server(remote)
+            return client.execute(name, graph, batch, stop_at=stop_at, fake_mode=fake_mode)
         return Executor(self._module, graph, batch, stop_at=stop_at, fake_mode=fake_mode).run()
+
+    def _submit(self, graph: Graph, batch: Batch, remote: Any) -> Any:
+        if not remote:
+            raise TraceError("blocking=False needs remote=...: a local trace runs at once")
+        client, name = self._server(remote)
+        return client.submit(name, graph, batch)
+
+    def _remote(self, remote: Any) -> Any:
+        """A handle on a served model runs remotely unless told where else."""
+        bound = self.__dict__.get("_bound")
+        if bound is not None and (remote is True or not remote):
+            return bound[0]
+        return remote
+
+    def _server(self, remote: Any) -> tuple[Any, str]:
+        from .client import Client, default_client
+
+        if isinstance(remote, Client):
+            client = remote
+        else:
+            client = default_client(remote if isinstance(remote, str) else None)
+        bound = self.__dict__.get("_bound")
+        name = bound[1] if bound is not None else self.__dict__.get("_name")
+        if not name:
+            raise TraceError(
+                "this model has no name on a server: wrap it with Model(module, name=...), "
+                "load it by path, or get it from client.model(name)"
+            )
+        return client, name
 
 
 def _join(values: list[Any]) -> Any:
@@ -139,6 +182,7 @@ class LanguageModel(Model):
         dtype: Any = None,
         device_map: Any = None,
         dispatch: bool = True,
+        remote: tuple[Any, str] | None = None,
         **load_kwargs: Any,
     ) -> None:
         if isinstance(dtype, str) and dtype != "auto":
@@ -147,10 +191,13 @@ class LanguageModel(Model):
         loader = {k: v for k, v in loader.items() if v is not None}
         if isinstance(model, torch.nn.Module):
             module, source = model, getattr(model, "name_or_path", None)
+        elif isinstance(model, ModuleSpec):  # a served model's handle: see Client.model
+            module, source, dispatch = model, None, True
         else:
             source = str(model)
             module = _load(source, loader) if dispatch else _load_empty(source, loader)
-        super().__init__(module)
+        super().__init__(module, name=source)
+        object.__setattr__(self, "_bound", remote)
         if tokenizer is None:
             if not source:
                 raise TraceError("pass tokenizer=... for a model that was not loaded by path")
@@ -165,6 +212,17 @@ class LanguageModel(Model):
         object.__setattr__(self, "_loader", loader)
         object.__setattr__(self, "_dispatched", dispatch or isinstance(model, torch.nn.Module))
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Outside a trace: a lazy result, run (once) when a value is needed.
+
+        ``lm("Hello").logits[0, -1]`` records; ``print(...)`` or ``.value`` runs the model, on
+        the server for a served model, in one round trip. Inside a trace: a module call.
+        """
+        if current() is not None:
+            return super().__call__(*args, **kwargs)
+        trace = Trace(self, (args, kwargs), remote=self._remote(False), lazy=True)
+        return trace.read("", "output")
+
     def dispatch(self) -> None:
         """Load the real weights of a model created with ``dispatch=False``."""
         if not self._dispatched:
@@ -173,7 +231,12 @@ class LanguageModel(Model):
             object.__setattr__(self, "_dispatched", True)
 
     def generate(
-        self, *args: Any, strict: bool = False, remote: Any = False, **kwargs: Any
+        self,
+        *args: Any,
+        strict: bool = False,
+        remote: Any = False,
+        blocking: bool = True,
+        **kwargs: Any,
     ) -> Trace:
         """Trace ``model.generate``: ``kwargs`` are generation options (``max_new_tokens``...).
 
@@ -181,7 +244,15 @@ class LanguageModel(Model):
         step and ``tracer.result`` is the generated ids.
         """
         inputs = (args, {}) if args else None
-        return Trace(self, inputs, generate=True, options=kwargs, strict=strict, remote=remote)
+        return Trace(
+            self,
+            inputs,
+            generate=True,
+            options=kwargs,
+            strict=strict,
+            remote=self._remote(remote),
+            blocking=blocking,
+        )
 
     def _prepare(self, args: tuple, kwargs: dict) -> Part:
         if len(args) != 1:
@@ -218,6 +289,8 @@ class LanguageModel(Model):
         return super()._execute(graph, batch, **kwargs)
 
     def _device(self) -> torch.device:
+        if not isinstance(self._module, torch.nn.Module):  # a served model's handle
+            return torch.device("cpu")
         param = next(self._module.parameters(), None)
         if param is None or param.device.type == "meta":
             return torch.device("cpu")

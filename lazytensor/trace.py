@@ -50,6 +50,7 @@ _PLAIN = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), tor
 
 class State(enum.Enum):
     RECORDING = "recording"
+    SUBMITTED = "submitted"
     DONE = "done"
     FAILED = "failed"
 
@@ -75,8 +76,13 @@ class Trace:
         options: dict | None = None,
         strict: bool = False,
         remote: Any = False,
+        blocking: bool = True,
+        lazy: bool = False,
     ) -> None:
         self.model = model
+        self.blocking = blocking
+        self.lazy = lazy  # recorded outside a block, run when a value is needed
+        self.job: Any = None
         self.graph = Graph()
         self.state = State.RECORDING
         self.generate = generate
@@ -114,15 +120,47 @@ class Trace:
             self.state = State.FAILED
             return False
         try:
+            if not self.blocking:
+                self.job = self.model._submit(self.graph, self._batch(), self.remote)
+                self.state = State.SUBMITTED
+                return False
             self.values = self._run(self.graph, stop_at=None)
         except BaseException:
             self.state = State.FAILED
             raise
+        self._finish()
+        return False
+
+    def _finish(self) -> None:
         self.state = State.DONE
         self.synced.clear()
         self.fake.clear()
         self._fake_mode = None
-        return False
+
+    def status(self) -> str:
+        """For ``blocking=False``: the server's state of this job (``queued``, ``running``...)."""
+        if self.job is None:
+            return self.state.value
+        return self.job.status() if self.state is State.SUBMITTED else self.state.value
+
+    def _wait(self) -> list[Any]:
+        """For ``blocking=False``: wait for the job; returns the saved values in save order.
+
+        Saved proxies also answer with their values from then on.
+        """
+        if self.state is State.SUBMITTED:
+            try:
+                self.values = self.job.result()
+            except NodeFailure as failure:
+                self.state = State.FAILED
+                raise at_site(
+                    failure.error, self.graph.sites[failure.node], failure.hint
+                ) from None
+            except BaseException:
+                self.state = State.FAILED
+                raise
+            self._finish()
+        return [self.values[i] for i in self.graph.saved if i in self.values]
 
     def _check_recording(self) -> None:
         if self.state is not State.RECORDING:
@@ -169,9 +207,15 @@ class Trace:
         return _Steps(self)
 
     @property
-    def result(self) -> Proxy:
-        """The return value of the run (for ``generate``, the generated token ids)."""
-        return self.read("", "result")
+    def result(self) -> Any:
+        """Inside the block: the run's return value (for ``generate``, the generated ids).
+
+        After a ``blocking=False`` block: the method that waits for the job and returns the
+        saved values in save order (``job.result()``).
+        """
+        if self.state is State.RECORDING:
+            return self.read("", "result")
+        return self._wait
 
     # -- recording --------------------------------------------------------------------------
     def read(self, path: str, op: str) -> Proxy:
@@ -278,6 +322,9 @@ class Trace:
             )
         if self.state is State.FAILED:
             raise TraceError("the trace failed, so it has no values")
+        if self.state is State.SUBMITTED:
+            self._wait()
+            return self.value_of(proxy)
         return self.materialize(proxy, lambda v: v)
 
     def length(self, proxy: Proxy) -> int:
@@ -295,7 +342,7 @@ class Trace:
                 f"materialization at {site}: reading a real value inside a strict trace "
                 "runs the model early; save it and read it after the trace, or drop strict=True"
             )
-        if site not in self._warned:
+        if site not in self._warned and not self.lazy:
             self._warned.add(site)
             log.warning(
                 "%s: reading a real value inside a trace runs the forward pass up to "
@@ -314,13 +361,10 @@ class Trace:
         if i in self.synced:
             return self.synced[i]
         if i not in self.fake:
-            self.fake.update(
-                self.model._execute(
-                    self.graph.prefix(i), self._batch(), fake_mode=self._fake(), remote=self.remote
-                )
-                if not self._can_propagate(i)
-                else self._propagate(i)
-            )
+            if self._can_propagate(i):
+                self.fake.update(self._propagate(i))
+            else:
+                self.fake.update(self._run(self.graph.prefix(i), None, fake_mode=self._fake()))
         if i not in self.fake:
             raise TraceError(
                 f"the shape of the value at {self.graph.sites[i]} cannot be known "
@@ -330,7 +374,9 @@ class Trace:
 
     def _can_propagate(self, i: int) -> bool:
         node = self.graph.nodes[i]
-        return not node.is_point and all(d in self.fake for d in node.refs())
+        return (
+            not node.is_point and node.op != "module" and all(d in self.fake for d in node.refs())
+        )
 
     def _propagate(self, i: int) -> dict[int, Any]:
         from .executor import Batch, Executor
@@ -340,7 +386,7 @@ class Trace:
             ex.values[d] = v
         node = self.graph.nodes[i]
         try:
-            with self._fake():
+            with self._paused(), self._fake():
                 value = getattr(ex, node.op)(node)
         except Exception as exc:
             raise at_site(exc, self.graph.sites[i]) from None
@@ -362,13 +408,26 @@ class Trace:
             )
         return self.model._batch(self.parts, generate=self.generate, options=self.options)
 
-    def _run(self, graph: Graph, stop_at: int | None) -> dict[int, Any]:
-        mode = self._mode
-        paused, mode.paused = mode.paused, True
+    def _run(self, graph: Graph, stop_at: int | None, fake_mode: Any = None) -> dict[int, Any]:
+        """Run ``graph`` on the model (shape-only under ``fake_mode``), recording paused."""
         try:
-            return self.model._execute(graph, self._batch(), stop_at=stop_at, remote=self.remote)
+            with self._paused():
+                return self.model._execute(
+                    graph, self._batch(), stop_at=stop_at, fake_mode=fake_mode, remote=self.remote
+                )
         except NodeFailure as failure:
             raise at_site(failure.error, self.graph.sites[failure.node], failure.hint) from None
+
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
+        """Let torch calls run for real (the model's own ``torch.arange``...), not record."""
+        mode = self._mode
+        if mode is None:  # a lazy trace records outside any block
+            yield
+            return
+        paused, mode.paused = mode.paused, True
+        try:
+            yield
         finally:
             mode.paused = paused
 

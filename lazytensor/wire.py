@@ -39,6 +39,7 @@ another :data:`PROTOCOL_VERSION`.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,7 @@ _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 TUPLE, SLICE, ELLIPSIS, REF, CONST, DTYPE, DEVICE, SIZE, TENSOR, RECORD = range(1, 11)
 
+_SHORT = reprlib.Repr()  # elides long lists, dicts and strings in error messages
 _INT_RANGE = range(-(2**63), 2**64)  # what a msgpack integer can hold
 _SUPPORTED = (
     "None, bool, int, float, str, bytes, list, dict (str or int keys), tuple, slice, Ellipsis, "
@@ -218,9 +220,7 @@ def decode_graph(data: Any, constants: Sequence[torch.Tensor] | None = None) -> 
     if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
         raise _malformed("graph", data, 'a dict with a "nodes" list')
     consts = data.get("constants") if constants is None else constants
-    if not isinstance(consts, (list, tuple)) or not all(
-        isinstance(t, torch.Tensor) for t in consts
-    ):
+    if not isinstance(consts, (list, tuple)) or not all(map(_is_tensor, consts)):
         raise _malformed("graph constants", consts, "a list of tensors")
     nodes = [_decode_node(item, i, len(consts)) for i, item in enumerate(data["nodes"])]
     saved = data.get("saved")
@@ -543,8 +543,7 @@ def _unpack(data: Any, what: str) -> Any:
 
 
 def _malformed(what: str, got: Any, expected: str) -> ProtocolError:
-    shown = repr(got)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    shown = _SHORT.repr(got)  # bounded: never the repr of a whole hostile header
     return ProtocolError(
         f"malformed lazytensor message: {what} is {shown}, expected {expected}; the peer is "
         f"not speaking lazytensor protocol {PROTOCOL_VERSION} correctly"
@@ -557,3 +556,7 @@ def _is_int(v: Any) -> bool:
 
 def _is_str(v: Any) -> bool:
     return isinstance(v, str)
+
+
+def _is_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor)

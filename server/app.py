@@ -1,0 +1,118 @@
+"""App: the composition root. A ROUTER socket on an asyncio (uvloop) loop in front of a Service.
+
+The event loop only moves frames: it hands each request to :class:`~.service.Service` (which
+checks it and queues it for a model's worker thread) and sends whatever replies the service
+and the workers produce. It never waits on a GPU. SIGTERM/SIGINT stop intake, let running
+jobs finish (up to a grace period), fail queued ones with a message, then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from .service import Service
+
+log = logging.getLogger("lazytensor.server")
+
+
+class App:
+    """Serve ``service`` on ``address`` (``tcp://127.0.0.1:5555``)."""
+
+    def __init__(self, service: Service, address: str, *, grace: float = 30.0) -> None:
+        self.service, self.address, self.grace = service, address, grace
+        self.bound = threading.Event()
+        self.endpoint: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+    def run(self, *, signals: bool = True) -> None:
+        """Serve until stopped (SIGTERM/SIGINT, or :meth:`stop` from another thread)."""
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            runner = asyncio.run
+        runner(self._serve(signals))
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def _serve(self, signals: bool) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        context = zmq.asyncio.Context()
+        socket = context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 1000)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        socket.bind(self.address)
+        self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        outbox: asyncio.Queue[tuple[Any, list]] = asyncio.Queue()
+        loop = self._loop
+
+        def reply(peer: Any, frames: list) -> None:  # from any thread
+            loop.call_soon_threadsafe(outbox.put_nowait, (peer, frames))
+
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+        log.info("serving %s on %s", ", ".join(self.service.models), self.endpoint)
+        self.bound.set()
+        tasks = [
+            asyncio.create_task(self._receive(socket, reply)),
+            asyncio.create_task(self._send(socket, outbox)),
+        ]
+        await self._stop.wait()
+        log.info("shutting down: finishing running requests (grace %.0f s)", self.grace)
+        tasks[0].cancel()
+        await loop.run_in_executor(None, self.service.shutdown, self.grace)
+        await asyncio.sleep(0.05)  # let the last replies reach the outbox
+        while not outbox.empty():
+            peer, frames = outbox.get_nowait()
+            await _deliver(socket, peer, frames)
+        tasks[1].cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        socket.close()
+        context.term()
+
+    async def _receive(self, socket: Any, reply: Any) -> None:
+        while True:
+            identity, *frames = await socket.recv_multipart(copy=False)
+            try:
+                self.service.handle(identity.bytes, frames, reply)
+            except Exception:  # the service answers errors itself; this is a last guard
+                log.exception("unhandled error for a request")
+
+    async def _send(self, socket: Any, outbox: asyncio.Queue) -> None:
+        while True:
+            peer, frames = await outbox.get()
+            await _deliver(socket, peer, frames)
+
+
+async def _deliver(socket: Any, peer: Any, frames: list) -> None:
+    try:
+        await socket.send_multipart([peer, *frames], copy=False)
+    except zmq.ZMQError as exc:  # the peer is gone: its result stays kept for a fetch
+        log.info("could not deliver a reply: %s", exc)
+
+
+def serve_in_thread(service: Service, address: str = "tcp://127.0.0.1:0") -> App:
+    """Start an app on a daemon thread (demo, tests); returns once it is bound."""
+    app = App(service, address)
+    thread = threading.Thread(
+        target=app.run, kwargs={"signals": False}, daemon=True, name="lazytensor-server"
+    )
+    thread.start()
+    if not app.bound.wait(30):
+        raise RuntimeError(f"the embedded server did not start on {address}")
+    return app

@@ -1,0 +1,29 @@
+"""Limits: what one request may ask of the server, each configurable, each with a clear error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; the CLI flag that sets each is named in its error."""
+
+    max_request_bytes: int = 256 * 2**20
+    max_nodes: int = 20_000
+    max_saved_bytes: int = 2 * 2**30
+    max_seconds: float = 300.0
+    max_new_tokens: int = 512
+    max_batch: int = 1024
+
+
+class LimitExceeded(Exception):
+    """A request is over one of the server's limits."""
+
+
+def check(what: str, value: float, limit: float, flag: str) -> None:
+    if value > limit:
+        raise LimitExceeded(
+            f"{what} is {value:,}, over this server's limit of {limit:,} ({flag}); "
+            "split the work into smaller requests or ask the operator to raise the limit"
+        )

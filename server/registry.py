@@ -1,0 +1,76 @@
+"""Registry: the models a server serves, loaded once, described as data for clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lazytensor.spec import describe, parameter_count
+
+
+@dataclass
+class ServedModel:
+    """One served model and what clients may know about it."""
+
+    name: str
+    module: torch.nn.Module
+    tokenizer: Any = None
+    source: str = ""
+    paths: frozenset[str] = field(default_factory=frozenset)
+    tree: dict = field(default_factory=dict)
+
+    @classmethod
+    def wrap(
+        cls, name: str, module: torch.nn.Module, tokenizer: Any = None, source: str = ""
+    ) -> ServedModel:
+        paths = frozenset(path for path, _ in module.named_modules())
+        return cls(name, module.eval(), tokenizer, source, paths, describe(module))
+
+    def info(self, queued: int, served: int) -> dict:
+        param = next(self.module.parameters(), None)
+        return {
+            "name": self.name,
+            "parameters": parameter_count(self.module),
+            "dtype": str(param.dtype).removeprefix("torch.") if param is not None else None,
+            "device": str(param.device) if param is not None else None,
+            "queue": queued,
+            "served": served,
+            "source": self.source,
+        }
+
+    def description(self) -> dict:
+        tokenizer: dict[str, Any] = {}
+        if self.tokenizer is not None:
+            tok = self.tokenizer
+            tokenizer = {
+                "json": tok.backend_tokenizer.to_str(),
+                "special": {
+                    k: getattr(tok, k, None)
+                    for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                },
+            }
+        return {"model": self.name, "tree": self.tree, "tokenizer": tokenizer}
+
+    def matches(self, name: str) -> bool:
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        own = self.source.rstrip("/").rsplit("/", 1)[-1] if self.source else None
+        return name in (self.name, self.source) or base in (self.name, own)
+
+
+def load(
+    source: str, name: str | None = None, *, device: str | None = None, dtype: str | None = None
+) -> ServedModel:
+    """Load a Hugging Face causal LM and its tokenizer from a path or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    if dtype:
+        kwargs["dtype"] = getattr(torch, dtype) if dtype != "auto" else "auto"
+    module = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if device:
+        module = module.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    name = name or source.rstrip("/").rsplit("/", 1)[-1]
+    return ServedModel.wrap(name, module, tokenizer, source)
