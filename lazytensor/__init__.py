@@ -32,6 +32,25 @@ from .trace import Trace
 __version__ = "0.1.0"
 
 
+def apply(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Record a call of your own Python function ``fn`` on proxies (runs where the graph runs).
+
+    Ops outside the allow-list can be wrapped this way. Locally it just runs; a server runs it
+    only if started with ``--trusted-clients``, since the function travels as code.
+
+    Example:
+        >>> with net.trace(x):                                   # doctest: +SKIP
+        ...     y = lt.apply(lambda t: t.numpy().std(), net.layer1.output).save()
+    """
+    from .trace import current
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Proxy):
+            return value._trace.apply_python(fn, args, kwargs)
+    trace = current()
+    return trace.apply_python(fn, args, kwargs) if trace is not None else fn(*args, **kwargs)
+
+
 def save(value: Any) -> Any:
     """Function form of ``proxy.save()``: keep ``value`` after the trace and return it."""
     if isinstance(value, Proxy):
@@ -55,6 +74,7 @@ __all__ = [
     "Trace",
     "TraceError",
     "__version__",
+    "apply",
     "connect",
     "save",
 ]

@@ -20,19 +20,24 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import ops, rows
-from .errors import GraphError, NodeFailure
+from .errors import GraphError, NodeFailure, OpNotAllowedError
 from .graph import EVERY_CALL, Const, Graph, Node, Ref
 
 _PRE, _POST, _RESULT = "pre", "post", "result"
 _KIND = {"input": _PRE, "inputs": _PRE, "set_input": _PRE, "set_inputs": _PRE,
          "output": _POST, "set_output": _POST, "result": _RESULT}  # fmt: skip
 _RESULT_KEY = ("", _RESULT)
+
+#: The executor running in this thread/context. Hooks live on the shared module, so a hook
+#: must ignore forward passes that another thread runs on the same model at the same time.
+_running: ContextVar[Executor | None] = ContextVar("lazytensor_executor", default=None)
 
 
 @dataclass
@@ -59,6 +64,8 @@ class Executor:
         stop_at: stop the forward as soon as this node has run (a materialization).
         fake_mode: a ``FakeTensorMode`` to run in for shape propagation; then every point node
             matches the first call, nothing is required to run, and all values are returned.
+        trusted: run ``python`` nodes (user code). Local runs trust their own user; a server
+            only when started with ``--trusted-clients``.
     """
 
     def __init__(
@@ -69,9 +76,10 @@ class Executor:
         *,
         stop_at: int | None = None,
         fake_mode: Any = None,
+        trusted: bool = True,
     ) -> None:
         self.model, self.graph, self.batch = model, graph, batch
-        self.stop_at, self.fake_mode = stop_at, fake_mode
+        self.stop_at, self.fake_mode, self.trusted = stop_at, fake_mode, trusted
         nodes = graph.nodes
         self.deps = [sorted(set(node.refs())) for node in nodes]
         self.users: list[list[int]] = [[] for _ in nodes]
@@ -131,6 +139,7 @@ class Executor:
         """Run the model with the graph inside it; return the saved (or, fake: all) values."""
         handles = self._install()
         fake = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
+        token = _running.set(self)
         try:
             with torch.no_grad(), fake:
                 batch = self._fake_batch() if self.fake_mode is not None else self.batch
@@ -144,6 +153,7 @@ class Executor:
                 except _Stop:
                     return {self.stop_at: self.values[self.stop_at]}
         finally:
+            _running.reset(token)
             for handle in handles:
                 handle.remove()
         if self.fake_mode is not None:
@@ -186,7 +196,7 @@ class Executor:
 
     def _pre_hook(self, key: tuple[str, str]):
         def hook(module, args, kwargs):
-            if self.suspended:
+            if self.suspended or _running.get() is not self:
                 return None
             self.current, self.replaced = (args, kwargs), False
             self._fire(key)
@@ -197,7 +207,7 @@ class Executor:
 
     def _post_hook(self, key: tuple[str, str]):
         def hook(module, args, output):
-            if self.suspended:
+            if self.suspended or _running.get() is not self:
                 return None
             self.current, self.replaced = output, False
             self._fire(key)
@@ -393,6 +403,19 @@ class Executor:
 
     def getattr(self, node: Node) -> Any:
         return getattr(self._value(node.args[0]), ops.check_attribute(node.target))
+
+    def python(self, node: Node) -> Any:
+        """A user's function, shipped as cloudpickle bytes: trusted runs only."""
+        if not self.trusted:
+            raise OpNotAllowedError(
+                f"user-defined Python function {node.target!r} refused: this server runs only "
+                "allow-listed ops; its operator must start it with --trusted-clients"
+            )
+        import cloudpickle
+
+        payload, *args = self._value(node.args)
+        fn = cloudpickle.loads(payload)  # trusted-only by the check above
+        return fn(*args, **self._value(node.kwargs))
 
     def module(self, node: Node) -> Any:
         args, kwargs = self._args(node)

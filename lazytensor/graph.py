@@ -27,7 +27,10 @@ from .errors import Site
 POINT_READS = ("input", "inputs", "output", "result")
 POINT_WRITES = ("set_input", "set_inputs", "set_output")
 COMPUTE = ("function", "method", "module", "getattr")
-OPS = frozenset(POINT_READS + POINT_WRITES + COMPUTE)
+#: A user's own Python function (``lazytensor.apply``): the one op that carries code. A
+#: server runs it only when started with ``--trusted-clients``.
+TRUSTED = ("python",)
+OPS = frozenset(POINT_READS + POINT_WRITES + COMPUTE + TRUSTED)
 
 #: ``Node.call`` for nodes recorded under ``tracer.all()``: they run at every call.
 EVERY_CALL = -1
@@ -56,7 +59,8 @@ class Node:
         op: a member of :data:`OPS`.
         target: for point ops and ``module``, the module path (``""`` is the root); for
             ``function`` an allow-listed function name (``"torch.add"``); for ``method`` a
-            tensor method name; for ``getattr`` the attribute name.
+            tensor method name; for ``getattr`` the attribute name; for ``python`` the
+            function's qualified name (its serialized code is ``args[0]``).
         args, kwargs: plain-data arguments (see the module docstring).
         call: for point ops, which invocation of the module (``EVERY_CALL`` = all).
         rows: for point ops, the batch rows ``(start, stop)`` this node sees, or ``None``.

@@ -115,6 +115,7 @@ class Trace:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._mode.__exit__(exc_type, exc, tb)
+        self._mode = None  # it refers back to this trace: free the trace without the gc
         _current.reset(self._token)
         if exc_type is not None:
             self.state = State.FAILED
@@ -153,9 +154,7 @@ class Trace:
                 self.values = self.job.result()
             except NodeFailure as failure:
                 self.state = State.FAILED
-                raise at_site(
-                    failure.error, self.graph.sites[failure.node], failure.hint
-                ) from None
+                raise at_site(failure.error, self.graph.sites[failure.node], failure.hint) from None
             except BaseException:
                 self.state = State.FAILED
                 raise
@@ -253,6 +252,15 @@ class Trace:
         if getattr(torch.Tensor, name, None) is func and ops.is_method(name):
             return self.apply("method", name, args, kwargs)
         return self.apply("function", ops.function_name(func), args, kwargs)
+
+    def apply_python(self, fn: Any, args: tuple, kwargs: dict) -> Any:
+        """Record a call of the user's own function (see :func:`lazytensor.apply`)."""
+        if self.state is State.DONE:
+            return fn(*_unwrap(args), **_unwrap(kwargs))
+        import cloudpickle
+
+        name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+        return self.apply("python", name, (cloudpickle.dumps(fn), *args), kwargs)
 
     def save(self, proxy: Proxy) -> None:
         if proxy._trace is not self:

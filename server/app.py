@@ -116,3 +116,66 @@ def serve_in_thread(service: Service, address: str = "tcp://127.0.0.1:0") -> App
     if not app.bound.wait(30):
         raise RuntimeError(f"the embedded server did not start on {address}")
     return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lazytensor serve``: load models and serve them until SIGTERM."""
+    import argparse
+
+    from .auth import Keys
+    from .limits import Limits
+    from .registry import load
+
+    parser = argparse.ArgumentParser(prog="lazytensor serve", description=main.__doc__)
+    parser.add_argument("paths", nargs="*", help="model directories or hub ids to serve")
+    parser.add_argument("--model", action="append", default=[], help="another model to serve")
+    parser.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="the name of each model, in order (default: its folder name)",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5555)
+    parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: where it loads)")
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16")
+    parser.add_argument("--api-keys", default=None, help="file of name:key lines")
+    parser.add_argument(
+        "--trusted-clients",
+        action="store_true",
+        help="run user-defined Python functions that clients send (their code runs here!)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds running requests get to finish on shutdown",
+    )
+    defaults = Limits()
+    for field, flag in (
+        ("max_request_bytes", "--max-request-bytes"),
+        ("max_nodes", "--max-nodes"),
+        ("max_saved_bytes", "--max-saved-bytes"),
+        ("max_seconds", "--max-seconds"),
+        ("max_new_tokens", "--max-new-tokens"),
+        ("max_batch", "--max-batch"),
+    ):
+        default = getattr(defaults, field)
+        parser.add_argument(flag, dest=field, type=type(default), default=default)
+    args = parser.parse_args(argv)
+    sources = [*args.paths, *args.model]
+    if not sources:
+        parser.error("name at least one model to serve")
+    if len(args.name) > len(sources):
+        parser.error("more --name than models")
+    names = [*args.name, *[None] * (len(sources) - len(args.name))]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    models = [load(s, n, device=args.device, dtype=args.dtype) for s, n in zip(sources, names)]
+    keys = Keys.from_file(args.api_keys) if args.api_keys else Keys(None)
+    if args.api_keys is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        parser.error("serving beyond loopback needs --api-keys")
+    limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})
+    service = Service(models, keys, limits, trusted=args.trusted_clients)
+    App(service, f"tcp://{args.host}:{args.port}", grace=args.grace).run()
+    log.info("server stopped")
+    return 0

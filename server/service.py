@@ -21,14 +21,14 @@ from collections.abc import Callable
 from typing import Any
 
 from lazytensor import ops, wire
-from lazytensor.errors import OpNotAllowedError, ProtocolError
+from lazytensor.errors import NodeFailure, OpNotAllowedError, ProtocolError
 from lazytensor.executor import Batch
-from lazytensor.graph import Graph
+from lazytensor.graph import Graph, Node
 
 from .auth import Keys
-from .limits import LimitExceeded, Limits, check
+from .limits import Limits, check
 from .registry import ServedModel
-from .worker import Job, Worker
+from .worker import Job, Worker, error_body
 
 log = logging.getLogger("lazytensor.server")
 
@@ -52,6 +52,8 @@ class Service:
         limits: per-request limits.
         keep: how many finished results to keep for clients that ask again.
         ttl: seconds a finished result is kept.
+        trusted: run user-defined Python functions sent by clients (code from the network:
+            only for clients you trust as you trust yourself).
     """
 
     def __init__(
@@ -62,12 +64,14 @@ class Service:
         *,
         keep: int = 1024,
         ttl: float = 600.0,
+        trusted: bool = False,
     ) -> None:
+        self.trusted = trusted
         self.limits = limits or Limits()
         self.keys = keys or Keys(None)
         self.models = {m.name: m for m in models}
         self.wire_limits = wire.Limits(max_total_bytes=self.limits.max_request_bytes)
-        self.workers = {m.name: Worker(m, self.limits, self._done) for m in models}
+        self.workers = {m.name: Worker(m, self.limits, self._done, trusted=trusted) for m in models}
         self.keep, self.ttl = keep, ttl
         self.finished: OrderedDict[str, tuple[float, str, dict]] = OrderedDict()
         self.running: dict[str, Job] = {}
@@ -102,10 +106,7 @@ class Service:
             handler(peer, reply, request_id, key_name, body, _size(frames))
         except Exception as exc:  # every bad request is answered, none crashes the server
             log.info("refused request %s: %s: %s", request_id, type(exc).__name__, exc)
-            body = {"type": type(exc).__name__, "message": str(exc)}
-            if isinstance(exc, LimitExceeded):
-                body["type"] = "LimitExceeded"
-            reply(peer, wire.encode("error", {"id": request_id, **body}))
+            reply(peer, wire.encode("error", {"id": request_id, **error_body(exc)}))
 
     def _models(self, peer, reply, request_id, key_name, body, size) -> None:
         models = [
@@ -182,7 +183,7 @@ class Service:
         check("request bytes", size, limits.max_request_bytes, "--max-request-bytes")
         graph = wire.decode_graph(body.get("graph"), _consts(body.get("graph")))
         check("graph nodes", len(graph.nodes), limits.max_nodes, "--max-nodes")
-        _check_graph(graph, served)
+        _check_graph(graph, served, self.trusted)
         batch = _batch(body.get("batch"), limits)
         stop_at = body.get("stop_at")
         if stop_at is not None and not (
@@ -260,22 +261,37 @@ def _consts(data: Any) -> Any:
     return data.get("constants") if isinstance(data, dict) else None
 
 
-def _check_graph(graph: Graph, served: ServedModel) -> None:
-    """Every op allow-listed, every module path one of the served model's."""
+def _check_graph(graph: Graph, served: ServedModel, trusted: bool) -> None:
+    """Every op allow-listed, every module path one of the served model's.
+
+    A refusal names its node, so the client re-raises it at the user's line.
+    """
     for node in graph.nodes:
-        if node.is_point or node.op == "module":
-            if node.target not in served.paths:
-                raise AttributeError(
-                    f"node {node.id}: the model {served.name!r} has no module {node.target!r}"
-                )
-        elif node.op == "function":
-            ops.resolve_function(node.target)
-        elif node.op == "method":
-            ops.check_method(node.target)
-        elif node.op == "getattr":
-            ops.check_attribute(node.target)
-        else:
-            raise OpNotAllowedError(f"node {node.id}: unknown op {node.op!r}")
+        try:
+            _check_node(node, served, trusted)
+        except (AttributeError, OpNotAllowedError) as exc:
+            raise NodeFailure(node.id, exc) from None
+
+
+def _check_node(node: Node, served: ServedModel, trusted: bool) -> None:
+    if node.is_point or node.op == "module":
+        if node.target not in served.paths:
+            raise AttributeError(f"the model {served.name!r} has no module {node.target!r}")
+    elif node.op == "function":
+        ops.resolve_function(node.target)
+    elif node.op == "method":
+        ops.check_method(node.target)
+    elif node.op == "getattr":
+        ops.check_attribute(node.target)
+    elif node.op == "python":
+        if not trusted:
+            raise OpNotAllowedError(
+                f"user-defined Python function {node.target!r} refused: this server runs only "
+                "allow-listed ops (lazytensor.ops); its operator must start it with "
+                "--trusted-clients to run client code"
+            )
+    else:
+        raise OpNotAllowedError(f"unknown op {node.op!r}")
 
 
 def _batch(data: Any, limits: Limits) -> Batch:

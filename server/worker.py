@@ -54,7 +54,9 @@ class Worker:
         limits: Limits,
         done: Callable[[Job, str, dict], None],
         max_batch: int = 1,
+        trusted: bool = False,
     ) -> None:
+        self.trusted = trusted
         self.served, self.limits, self.done = served, limits, done
         self.max_batch = max_batch
         self.queue: queue.Queue[Job | None] = queue.Queue()
@@ -132,7 +134,14 @@ class Worker:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        executor = Executor(module, job.graph, batch, stop_at=job.stop_at, fake_mode=fake_mode)
+        executor = Executor(
+            module,
+            job.graph,
+            batch,
+            stop_at=job.stop_at,
+            fake_mode=fake_mode,
+            trusted=self.trusted,
+        )
         with _deadline(self.limits.max_seconds):
             try:
                 values = executor.run()
