@@ -62,8 +62,9 @@ class Executor:
         graph: the recorded program.
         batch: the inputs of the run.
         stop_at: stop the forward as soon as this node has run (a materialization).
-        fake_mode: a ``FakeTensorMode`` to run in for shape propagation; then every point node
-            matches the first call, nothing is required to run, and all values are returned.
+        fake_mode: a ``FakeTensorMode`` to run in for shape propagation: one forward (for
+            ``generate``, the prompt step and one decoding step, whose shapes stand for every
+            later step); nothing is required to run, and all values are returned.
         trusted: run ``python`` nodes (user code). Local runs trust their own user; a server
             only when started with ``--trusted-clients``.
     """
@@ -142,13 +143,16 @@ class Executor:
         token = _running.set(self)
         try:
             with torch.no_grad(), fake:
-                batch = self._fake_batch() if self.fake_mode is not None else self.batch
+                runs = self._fake_runs() if self.fake_mode is not None else [self.batch]
                 try:
                     self._schedule(
                         i for i, w in enumerate(self.waiting) if w == 0 and i not in self.key_of
                     )
                     self._drain()
-                    self.current = self._call_model(batch)
+                    for batch in runs:
+                        self.current = self._call_model(batch)
+                    if self.fake_mode is not None and self.batch.generate:
+                        self.current = self._fake_tokens(runs[0])
                     self._fire(_RESULT_KEY)
                 except _Stop:
                     return {self.stop_at: self.values[self.stop_at]}
@@ -183,11 +187,23 @@ class Executor:
             raise
         return handles
 
-    def _fake_batch(self) -> Batch:
+    def _fake_runs(self) -> list[Batch]:
+        """Shape-only forwards: one; for ``generate``, the prompt step then a decoding step."""
         mode, b = self.fake_mode, self.batch
         convert = lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        args = tuple(convert(a) for a in b.args)
         kwargs = {k: convert(v) for k, v in b.kwargs.items()}
-        return Batch(tuple(convert(a) for a in b.args), kwargs, b.size, False)
+        if not b.generate:
+            return [Batch(args, kwargs, b.size)]
+        prompt = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        step = {"input_ids": prompt["input_ids"][:, -1:]} if "input_ids" in prompt else prompt
+        return [Batch(args, prompt, b.size), Batch(args, step, b.size)]
+
+    def _fake_tokens(self, prompt: Batch) -> Any:
+        """A fake of what ``generate`` returns: the prompt plus ``max_new_tokens`` ids."""
+        ids = prompt.kwargs["input_ids"]  # (B, T)
+        steps = int(self.batch.kwargs.get("max_new_tokens", 1))
+        return ids.new_empty(ids.shape[0], ids.shape[1] + steps)
 
     def _call_model(self, batch: Batch) -> Any:
         if batch.generate:
@@ -243,7 +259,9 @@ class Executor:
 
     def _matches(self, i: int, call: int) -> bool:
         wanted = self.graph.nodes[i].call
-        return wanted == call or wanted == EVERY_CALL or (self.fake_mode is not None and call == 0)
+        if self.fake_mode is not None and self.batch.generate and wanted > 1:
+            wanted = 1  # every decoding step has the shapes of the first one
+        return wanted == call or wanted == EVERY_CALL
 
     def _is_active(self, i: int) -> bool:
         return (

@@ -285,7 +285,14 @@ class LanguageModel(Model):
         return Batch((), kwargs, len(rows), generate)
 
     def _execute(self, graph: Graph, batch: Batch, **kwargs: Any) -> dict[int, Any]:
-        self.dispatch()
+        if not kwargs.get("remote"):
+            self.dispatch()  # inputs were placed before the weights existed: move them
+            device = self._device()
+            moved = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.kwargs.items()
+            }
+            batch = Batch(batch.args, moved, batch.size, batch.generate)
         return super()._execute(graph, batch, **kwargs)
 
     def _device(self) -> torch.device:
