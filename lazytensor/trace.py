@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lazytensor")
 
 _current: ContextVar[Trace | None] = ContextVar("lazytensor_trace", default=None)
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _META_ATTRIBUTES = frozenset(("shape", "dtype", "device", "ndim", "is_cuda", "layout"))
 _META_METHODS = frozenset(("size", "dim", "numel", "ndimension", "nelement", "element_size",
                            "is_floating_point", "is_contiguous"))  # fmt: skip
@@ -154,7 +154,9 @@ class Trace:
                 self.values = self.job.result()
             except NodeFailure as failure:
                 self.state = State.FAILED
-                raise at_site(failure.error, self.graph.sites[failure.node], failure.hint) from None
+                raise at_site(
+                    failure.error, self.graph.sites[failure.node], failure.hint
+                ) from failure.error
             except BaseException:
                 self.state = State.FAILED
                 raise
@@ -185,11 +187,43 @@ class Trace:
             self.rows, self._in_invoke = previous, False
 
     def _add_part(self, args: tuple, kwargs: dict) -> tuple[int, int]:
+        args, kwargs = self._concrete(args), self._concrete(kwargs)
         part = self.model._prepare(args, kwargs)
         start = self.size
         self.size += part.size
         self.parts.append(part)
         return (start, self.size)
+
+    def _concrete(self, value: Any) -> Any:
+        """Invoke inputs built inside the block (``torch.ones(...)`` was recorded): compute them.
+
+        An input may use factories and ops on constants, not values from the model.
+        """
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._concrete(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._concrete(v) for k, v in value.items()}
+        if not isinstance(value, Proxy) or value._trace is not self:
+            return value
+        from .executor import Batch, Executor
+
+        wanted, stack = set(), [value._node]
+        while stack:
+            i = stack.pop()
+            if i not in wanted:
+                wanted.add(i)
+                stack.extend(self.graph.nodes[i].refs())
+        if any(self.graph.nodes[i].is_point or self.graph.nodes[i].op == "module" for i in wanted):
+            raise TraceError(
+                f"an invoke's input at {_site()} uses a value from the model; "
+                "inputs must be known before the forward pass"
+            )
+        ex = Executor(self.model._module, self.graph, Batch())
+        with self._paused():
+            for i in sorted(wanted):
+                node = self.graph.nodes[i]
+                ex.values[i] = getattr(ex, node.op)(node)
+        return ex.values[value._node]
 
     @contextlib.contextmanager
     def all(self) -> Iterator[None]:
@@ -280,8 +314,10 @@ class Trace:
             return self.graph.constant(value)
         if isinstance(value, torch.Size):
             return tuple(value)
-        if isinstance(value, (tuple, list)):
-            return type(value)(self._arg(v) for v in value)
+        if isinstance(value, tuple):  # a namedtuple travels as a plain tuple
+            return tuple(self._arg(v) for v in value)
+        if isinstance(value, list):
+            return [self._arg(v) for v in value]
         if isinstance(value, dict):
             return {k: self._arg(v) for k, v in value.items()}
         if isinstance(value, slice):
@@ -296,7 +332,7 @@ class Trace:
 
     # -- policy: attributes, materialization, shapes ------------------------------------------
     def attribute(self, proxy: Proxy, name: str) -> Any:
-        if self.state is State.DONE:
+        if self.state is not State.RECORDING:  # DONE answers; FAILED raises
             return getattr(self.value_of(proxy), name)
         if name in _META_ATTRIBUTES:
             return getattr(self.meta(proxy), name)
@@ -306,6 +342,8 @@ class Trace:
             return lambda *a, **k: self.materialize(proxy, lambda v: getattr(v, name)(*a, **k))
         if ops.is_method(name):
             return _Method(self, proxy, name)
+        if callable(getattr(torch.Tensor, name, None)):
+            ops.check_method(name)  # a tensor method outside the allow-list: refuse it here
         return self.apply("getattr", ops.check_attribute(name), (proxy,))
 
     def set_attribute(self, proxy: Proxy, name: str, value: Any) -> None:
@@ -336,7 +374,7 @@ class Trace:
         return self.materialize(proxy, lambda v: v)
 
     def length(self, proxy: Proxy) -> int:
-        if self.state is State.DONE:
+        if self.state is not State.RECORDING:
             return len(self.value_of(proxy))
         return len(self.meta(proxy))
 
@@ -397,7 +435,7 @@ class Trace:
             with self._paused(), self._fake():
                 value = getattr(ex, node.op)(node)
         except Exception as exc:
-            raise at_site(exc, self.graph.sites[i]) from None
+            raise at_site(exc, self.graph.sites[i]) from exc
         return {i: value}
 
     def _fake(self) -> Any:
@@ -424,7 +462,9 @@ class Trace:
                     graph, self._batch(), stop_at=stop_at, fake_mode=fake_mode, remote=self.remote
                 )
         except NodeFailure as failure:
-            raise at_site(failure.error, self.graph.sites[failure.node], failure.hint) from None
+            raise at_site(
+                failure.error, self.graph.sites[failure.node], failure.hint
+            ) from failure.error
 
     @contextlib.contextmanager
     def _paused(self) -> Iterator[None]:
