@@ -29,6 +29,8 @@ def narrow(value: Any, rows: tuple[int, int] | None, size: int) -> Any:
 def replace(full: Any, new: Any, rows: tuple[int, int] | None, size: int) -> Any:
     """``full`` with ``rows`` replaced by ``new`` (all of it when ``rows`` is ``None``)."""
     if rows is None or rows == (0, size):
+        if hasattr(full, "_fields") and type(new) is tuple and len(new) == len(full):
+            return type(full)(*new)  # a graph carries a namedtuple as a plain tuple
         return new
     start, stop = rows
     if isinstance(full, torch.Tensor):

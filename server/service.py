@@ -20,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
+
 from lazytensor import ops, wire
 from lazytensor.errors import NodeFailure, OpNotAllowedError, ProtocolError
 from lazytensor.executor import Batch
@@ -105,6 +107,8 @@ class Service:
                 )
             handler(peer, reply, request_id, key_name, body, _size(frames))
         except Exception as exc:  # every bad request is answered, none crashes the server
+            if request_id is None:  # so the error reaches a client waiting on that id
+                request_id = _peek_id(frames, self.wire_limits.max_header_bytes)
             log.info("refused request %s: %s: %s", request_id, type(exc).__name__, exc)
             reply(peer, wire.encode("error", {"id": request_id, **error_body(exc)}))
 
@@ -123,6 +127,7 @@ class Service:
         if request_id is None:
             raise ProtocolError("a run request needs a string 'id'")
         with self._lock:
+            self._expire()
             if request_id in self.finished or request_id in self.running:
                 self._resend(peer, reply, request_id)  # a retry: never run a job twice
                 return
@@ -143,16 +148,20 @@ class Service:
 
     def _fetch(self, peer, reply, request_id, key_name, body, size) -> None:
         with self._lock:
+            self._expire()
             known = request_id in self.finished or request_id in self.running
         if known:
             self._resend(peer, reply, request_id)
         elif isinstance(body.get("request"), dict):
             self._run(peer, reply, request_id, key_name, body["request"], size)
         else:
-            raise KeyError(
-                f"no request {request_id!r} is running or kept on this server "
-                f"(results are kept {self.ttl:g} s); send it again"
-            )
+            raise self._unknown(request_id)
+
+    def _unknown(self, request_id: Any) -> KeyError:
+        return KeyError(
+            f"no request {request_id!r} is running or kept on this server "
+            f"(results are kept {self.ttl:g} s); send it again"
+        )
 
     def _resend(self, peer: Any, reply: Reply, request_id: str) -> None:
         with self._lock:
@@ -161,8 +170,10 @@ class Service:
                 _, kind, body = self.finished[request_id]
                 reply(peer, wire.encode(kind, {"id": request_id, **body}))
                 return
+            job = self.running.get(request_id)
+            if job is None:  # its result expired since the caller looked
+                raise self._unknown(request_id)
             self.peers[request_id] = (peer, reply)
-            job = self.running[request_id]
         state = "running" if job.started else "queued"
         reply(peer, wire.encode("status", {"id": request_id, "state": state}))
 
@@ -255,6 +266,23 @@ class Service:
 
 def _size(frames: list) -> int:
     return sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
+
+
+def _peek_id(frames: list, max_bytes: int) -> str | None:
+    """The ``id`` in the header of a request that failed to decode, or ``None``.
+
+    Plain msgpack of at most ``max_bytes`` (extension types stay opaque ``ExtType``s), read
+    only to address the error reply; nothing else of the request is trusted or used.
+    """
+    try:
+        header = frames[1]
+        data = header.buffer if hasattr(header, "buffer") else header
+        if len(data) > max_bytes:
+            return None
+        request_id = msgpack.unpackb(data, raw=False, strict_map_key=False)["body"]["id"]
+    except Exception:
+        return None
+    return request_id if isinstance(request_id, str) else None
 
 
 def _consts(data: Any) -> Any:

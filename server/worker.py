@@ -164,13 +164,20 @@ def error_body(exc: BaseException) -> dict:
         error = exc.error
         return {
             "type": type(error).__name__,
-            "message": str(error),
+            "message": _text(error),
             "node": exc.node,
             "hint": exc.hint,
         }
     if isinstance(exc, LimitExceeded):
         return {"type": "LimitExceeded", "message": str(exc)}
-    return {"type": type(exc).__name__, "message": str(exc)}
+    return {"type": type(exc).__name__, "message": _text(exc)}
+
+
+def _text(exc: BaseException) -> str:
+    """The message of ``exc`` (``str`` of a ``KeyError`` is the repr of its message)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
 
 
 def portable(value: Any) -> Any:

@@ -31,3 +31,14 @@ def gpt2_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 def tiny_mlp() -> TinyMLP:
     """A fresh :class:`models.TinyMLP` with seed-0 weights, in eval mode."""
     return TinyMLP(seed=0).eval()
+
+
+# Server fixtures for the remote tests (in-process service, embedded ZeroMQ server): servers.py.
+from servers import (  # noqa: E402, F401
+    embedded_server,
+    inproc_client,
+    llama_service,
+    local_llama,
+    served_llama,
+    socket_client,
+)

@@ -1,4 +1,4 @@
-"""Every script in ``examples/`` and ``python -m lazytensor demo --local`` run as written.
+"""Every script in ``examples/`` and ``python -m lazytensor demo [--local]`` run as written.
 
 Each runs as its own subprocess with this interpreter, from the repository root, with the hub
 switched off. Most of a run's time is importing torch and transformers, so all of them are
@@ -24,6 +24,7 @@ TIMEOUT_S = 300.0
 
 COMMANDS = {name: ["examples/" + name] for name in EXAMPLES}
 COMMANDS["demo"] = ["-m", "lazytensor", "demo", "--local"]
+COMMANDS["demo-remote"] = ["-m", "lazytensor", "demo"]  # the main job: an embedded server
 
 #: Text each run must print: the checks the scripts report on themselves.
 EXPECTED = {
@@ -31,6 +32,7 @@ EXPECTED = {
     "logit_lens.py": "equals the model's prediction: True",
     "steering_generation.py": "spells the generated tokens: True",
     "demo": "forced top-5",
+    "demo-remote": "remote equals local: True",
 }
 
 
