@@ -138,8 +138,9 @@ def main(remote: bool = False) -> None:
         console.print(
             f"Traced one forward pass over {2 * len(PROMPTS)} rows on an embedded server at "
             f"{app.endpoint} ({info['name']}, {info['parameters']:,} parameters, "
-            f"{info['device']}); remote equals local: {same}."
+            f"{info['device']})."
         )
+        console.print(f"remote equals local: {same}")
         console.print(table(served, PROMPTS, clean, forced))
     finally:
         app.stop()
