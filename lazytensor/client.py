@@ -65,6 +65,8 @@ class Client:
         self.transport = transport if transport is not None else ZmqTransport(self.address)
         self.timeout, self.silence = timeout, silence
         self._lock = threading.Lock()
+        # Replies read by one job that belong to another job still in flight on this client.
+        self._mail: dict[str, list[wire.Message]] = {}
 
     # -- public API ---------------------------------------------------------------------------
     def models(self) -> list[dict]:
@@ -150,6 +152,7 @@ class RemoteJob:
 
     def send(self) -> None:
         with self.client._lock:
+            self.client._mail.setdefault(self.id, [])
             self.client.transport.send(self.client._frames(self.kind, self.body))
 
     def status(self) -> str:
@@ -178,42 +181,64 @@ class RemoteJob:
                     )
                 if not self._pump(self.client.silence):
                     asked += 1
-                    if asked > 1:
-                        self.client.transport.reconnect()
-                    fetch = {"id": self.id, "request": self.body if self.kind == "run" else None}
-                    self.client.transport.send(self.client._frames("fetch", fetch))
+                    self._ask_again(reconnect=asked > 1)
                 else:
                     asked = 0
                 if time.monotonic() - started > 1.0 and self._reply is None:
                     shown = _progress(self.id, self._state, self._position) or shown
+            if self._reply is not None and self.kind == "run":  # the server may forget it now
+                self.client.transport.send(self.client._frames("ack", {"id": self.id}))
         if shown:
             _progress(self.id, self._state, None, end=True)
         if self._error is not None:
             raise self._error
         return self._reply
 
+    def _ask_again(self, reconnect: bool) -> None:
+        """After silence: ask for the job by id (a read-only request is simply sent again)."""
+        transport = self.client.transport
+        if reconnect:
+            transport.reconnect()
+        if self.kind == "run":
+            transport.send(self.client._frames("fetch", {"id": self.id}))
+        else:
+            transport.send(self.client._frames(self.kind, self.body))
+
     _position: int | None = None
 
     def _pump(self, timeout: float) -> bool:
         """Read replies for a while; ``False`` if none came at all."""
-        transport, got = self.client.transport, False
-        end = time.monotonic() + timeout
-        while True:
-            frames = transport.recv(max(0.0, end - time.monotonic()))
-            if frames is None:
-                return got
+        transport, mail, got = self.client.transport, self.client._mail, False
+        for message in mail.get(self.id, []):  # read earlier by another job
             got = True
-            message = wire.decode(frames)
-            if message.body.get("id") != self.id:
-                continue  # a late reply to an earlier request
             self._take(message)
             if self._reply is not None or self._error is not None:
-                return True
+                break
+        end = time.monotonic() + timeout
+        while self._reply is None and self._error is None:
+            frames = transport.recv(max(0.0, end - time.monotonic()))
+            if frames is None:
+                break
+            got = True
+            message = wire.decode(frames)
+            other = message.body.get("id")
+            if other == self.id:
+                self._take(message)
+            elif other in mail:
+                mail[other].append(message)  # another job of this client: keep it for it
+            # else: a late reply to a request that is already answered
+        if self._reply is not None or self._error is not None:
+            mail.pop(self.id, None)
+        else:
+            mail[self.id] = []
+        return got
 
     def _take(self, message: wire.Message) -> None:
         body = message.body
         if message.kind == "status":
             self._state, self._position = body.get("state", self._state), body.get("position")
+        elif message.kind == "error" and body.get("unknown") and self.kind == "run":
+            self.client.transport.send(self.client._frames("run", self.body))  # it was lost
         elif message.kind == "error":
             self._state, self._error = "error", _error(body)
         else:

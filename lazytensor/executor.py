@@ -34,6 +34,8 @@ _PRE, _POST, _RESULT = "pre", "post", "result"
 _KIND = {"input": _PRE, "inputs": _PRE, "set_input": _PRE, "set_inputs": _PRE,
          "output": _POST, "set_output": _POST, "result": _RESULT}  # fmt: skip
 _RESULT_KEY = ("", _RESULT)
+_READS = frozenset(("input", "inputs", "output", "result"))
+_SCALARS = frozenset((int, float, bool, str, type(None)))
 
 #: The executor running in this thread/context. Hooks live on the shared module, so a hook
 #: must ignore forward passes that another thread runs on the same model at the same time.
@@ -82,20 +84,7 @@ class Executor:
         self.model, self.graph, self.batch = model, graph, batch
         self.stop_at, self.fake_mode, self.trusted = stop_at, fake_mode, trusted
         nodes = graph.nodes
-        self.deps = [sorted(set(node.refs())) for node in nodes]
-        self.users: list[list[int]] = [[] for _ in nodes]
-        for i, deps in enumerate(self.deps):
-            for d in deps:
-                self.users[d].append(i)
-        self.points: dict[tuple[str, str], list[int]] = {}
-        self.key_of: dict[int, tuple[str, str]] = {}
-        for node in nodes:
-            if node.is_point:
-                key = (node.target, _KIND[node.op])
-                self.points.setdefault(key, []).append(node.id)
-                self.key_of[node.id] = key
-        self.home = self._homes(nodes)
-        self.repeating = self._repeating(nodes)
+        self._plan(nodes)
         self.keep = set(graph.saved) | ({stop_at} if stop_at is not None else set())
         self.values: list[Any] = [None] * len(nodes)
         self.done = [False] * len(nodes)
@@ -110,24 +99,43 @@ class Executor:
         self.suspended = 0
 
     # -- planning -------------------------------------------------------------------------
-    def _homes(self, nodes: list[Node]) -> list[int | None]:
-        """For each node, the point read whose memory it aliases (for mutation checks)."""
-        home: list[int | None] = [None] * len(nodes)
-        for node in nodes:
-            if node.op in ("input", "inputs", "output", "result"):
-                home[node.id] = node.id
-            elif ops.is_view(node.op, node.target) or ops.is_mutation(node.op, node.target):
-                first = node.args[0] if node.args else None
-                home[node.id] = home[first.id] if isinstance(first, Ref) else None
-        return home
+    def _plan(self, nodes: list[Node]) -> None:
+        """One pass over the graph (recording order is a topological order).
 
-    def _repeating(self, nodes: list[Node]) -> set[int]:
-        """Nodes downstream of a point node that runs at every call."""
-        found = {n.id for n in nodes if n.is_point and n.call == EVERY_CALL}
-        for node in nodes:  # recording order is a topological order
-            if node.id not in found and any(d in found for d in self.deps[node.id]):
-                found.add(node.id)
-        return found
+        ``deps``/``users``: the data flow. ``points``/``key_of``: which hook point each point
+        node waits for. ``home``: the point read whose memory a node aliases (for the check
+        that in-place writes happen while that module runs). ``repeating``: nodes that run
+        again at every call (downstream of ``tracer.all()``). ``mutating``: in-place nodes.
+        """
+        n = len(nodes)
+        self.deps: list[tuple[int, ...]] = [()] * n
+        self.users: list[list[int]] = [[] for _ in range(n)]
+        self.points: dict[tuple[str, str], list[int]] = {}
+        self.key_of: dict[int, tuple[str, str]] = {}
+        self.home: list[int | None] = [None] * n
+        self.repeating: set[int] = set()
+        self.mutating: set[int] = set()
+        for node in nodes:
+            i, op = node.id, node.op
+            deps = self.deps[i] = node.deps()
+            for d in deps:
+                self.users[d].append(i)
+            if op in _KIND:
+                key = self.key_of[i] = (node.target, _KIND[op])
+                self.points.setdefault(key, []).append(i)
+                if node.call == EVERY_CALL:
+                    self.repeating.add(i)
+                if op in _READS:
+                    self.home[i] = i
+                continue
+            mutation = ops.is_mutation(op, node.target)
+            if mutation:
+                self.mutating.add(i)
+            if mutation or ops.is_view(op, node.target):
+                first = node.args[0] if node.args else None
+                self.home[i] = self.home[first.id] if isinstance(first, Ref) else None
+            if self.repeating and any(d in self.repeating for d in deps):
+                self.repeating.add(i)
 
     def _module(self, path: str, node: int) -> torch.nn.Module:
         try:
@@ -340,9 +348,14 @@ class Executor:
 
     # -- argument resolution ---------------------------------------------------------------
     def _value(self, arg: Any) -> Any:
-        if isinstance(arg, Ref):
+        kind = type(arg)
+        if kind is Ref:
             return self.values[arg.id]
-        if isinstance(arg, Const):
+        if kind in _SCALARS:
+            return arg
+        if kind is tuple:
+            return tuple([self._value(a) for a in arg])
+        if kind is Const:
             value = self.graph.constants[arg.index]
             if self.fake_mode is not None and isinstance(value, torch.Tensor):
                 value = self.fake_mode.from_tensor(value)
@@ -356,7 +369,9 @@ class Executor:
         return arg
 
     def _args(self, node: Node) -> tuple[tuple, dict]:
-        return self._value(node.args), self._value(node.kwargs)
+        values, value = self.values, self._value
+        args = tuple([values[a.id] if type(a) is Ref else value(a) for a in node.args])
+        return args, (value(node.kwargs) if node.kwargs else {})
 
     def _check_write(self, node: Node) -> None:
         first = node.args[0] if node.args else None
@@ -408,13 +423,13 @@ class Executor:
         self.current, self.replaced = (tuple(args), dict(kwargs)), True
 
     def function(self, node: Node) -> Any:
-        if ops.is_mutation(node.op, node.target):
+        if node.id in self.mutating:
             self._check_write(node)
         args, kwargs = self._args(node)
         return ops.resolve_function(node.target)(*args, **kwargs)
 
     def method(self, node: Node) -> Any:
-        if ops.is_mutation(node.op, node.target):
+        if node.id in self.mutating:
             self._check_write(node)
         (obj, *args), kwargs = self._args(node)
         return getattr(obj, ops.check_method(node.target))(*args, **kwargs)

@@ -73,6 +73,7 @@ class Node:
     kwargs: dict = field(default_factory=dict)
     call: int = 0
     rows: tuple[int, int] | None = None
+    _deps: tuple[int, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def is_point(self) -> bool:
@@ -84,6 +85,12 @@ class Node:
         _collect_refs(self.args, found)
         _collect_refs(self.kwargs, found)
         return found
+
+    def deps(self) -> tuple[int, ...]:
+        """The distinct ids this node reads, ascending (computed once: args never change)."""
+        if self._deps is None:
+            self._deps = tuple(sorted(set(self.refs())))
+        return self._deps
 
 
 def _collect_refs(value: Any, found: list[int]) -> None:
@@ -161,4 +168,7 @@ def _freeze(value: Any) -> Any:
         return ("dict", *((k, _freeze(v)) for k, v in value.items()))
     if isinstance(value, slice):
         return ("slice", _freeze(value.start), _freeze(value.stop), _freeze(value.step))
+    if isinstance(value, (bool, int, float, complex)):
+        # 1 == 1.0 == True, yet x[True] is not x[1] and arange(3.0) is not arange(3)
+        return (type(value).__name__, repr(value))
     return value

@@ -269,8 +269,12 @@ class LanguageModel(Model):
         rows = [row for part in parts for row in part.args[0]]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
+        padded = any(len(r) != width for r in rows)
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # (B, T)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])  # (B, T)
+        if padded:
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])  # (B, T)
+        else:
+            mask = torch.ones_like(ids)  # (B, T)
         kwargs: dict[str, Any] = {}
         for part in parts:
             kwargs.update(part.kwargs)
@@ -279,13 +283,13 @@ class LanguageModel(Model):
         if generate:
             kwargs.setdefault("pad_token_id", pad)
             kwargs.update(options or {})
-        elif not bool(mask.all()):
+        elif padded:
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, T)
             kwargs["position_ids"] = positions.to(device)
         return Batch((), kwargs, len(rows), generate)
 
     def _execute(self, graph: Graph, batch: Batch, **kwargs: Any) -> dict[int, Any]:
-        if not kwargs.get("remote"):
+        if not kwargs.get("remote") and not self._dispatched:
             self.dispatch()  # inputs were placed before the weights existed: move them
             device = self._device()
             moved = {

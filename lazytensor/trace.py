@@ -44,6 +44,7 @@ _META_ATTRIBUTES = frozenset(("shape", "dtype", "device", "ndim", "is_cuda", "la
 _META_METHODS = frozenset(("size", "dim", "numel", "ndimension", "nelement", "element_size",
                            "is_floating_point", "is_contiguous"))  # fmt: skip
 _VALUE_METHODS = frozenset(("item", "tolist", "numpy"))
+_SCALARS = frozenset((int, float, bool, str, type(None)))
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), torch.dtype,
           torch.device)  # fmt: skip
 
@@ -95,6 +96,7 @@ class Trace:
         self.call = 0
         self.values: dict[int, Any] = {}
         self.synced: dict[int, Any] = {}
+        self._refs: list[int] = []  # refs met by _arg while recording one node
         self.fake: dict[int, Any] = {}
         self._fake_mode: Any = None
         self._warned: set[Site | None] = set()
@@ -258,6 +260,7 @@ class Trace:
 
     def write(self, path: str, op: str, value: Any) -> None:
         self._check_recording()
+        self._refs = []
         self.graph.add(op, path, (self._arg(value),), call=self.call, rows=self.rows, site=_site())
 
     def apply(self, op: str, target: str, args: tuple, kwargs: dict | None = None) -> Any:
@@ -269,7 +272,11 @@ class Trace:
             ops.resolve_function(target)
         elif op == "method":
             ops.check_method(target)
-        node = self.graph.add(op, target, self._arg(args), self._arg(kwargs or {}), site=_site())
+        refs = self._refs = []
+        node = self.graph.add(
+            op, target, self._arg(args), self._arg(kwargs) if kwargs else {}, site=_site()
+        )
+        node._deps = tuple(sorted(set(refs)))  # collected by _arg: no second walk
         return Proxy(self, node.id)
 
     def apply_torch(self, func: Any, args: tuple, kwargs: dict) -> Any:
@@ -304,8 +311,14 @@ class Trace:
 
     def _arg(self, value: Any) -> Any:
         """Turn a user value into graph data: proxies become refs, tensors constants."""
+        kind = type(value)
+        if kind in _SCALARS:
+            return value
+        if kind is tuple:
+            return tuple([self._arg(v) for v in value])
         if isinstance(value, Proxy):
             if value._trace is self:
+                self._refs.append(value._node)
                 return Ref(value._node)
             return self._arg(value._trace.value_of(value))
         if isinstance(value, _PLAIN):
@@ -342,8 +355,6 @@ class Trace:
             return lambda *a, **k: self.materialize(proxy, lambda v: getattr(v, name)(*a, **k))
         if ops.is_method(name):
             return _Method(self, proxy, name)
-        if callable(getattr(torch.Tensor, name, None)):
-            ops.check_method(name)  # a tensor method outside the allow-list: refuse it here
         return self.apply("getattr", ops.check_attribute(name), (proxy,))
 
     def set_attribute(self, proxy: Proxy, name: str, value: Any) -> None:
@@ -355,6 +366,9 @@ class Trace:
     def call_value(self, proxy: Proxy, args: tuple, kwargs: dict) -> Any:
         if self.state is State.DONE:
             return self.value_of(proxy)(*args, **kwargs)
+        node = self.graph.nodes[proxy._node]
+        if node.op == "getattr" and callable(getattr(torch.Tensor, node.target, None)):
+            ops.check_method(node.target)  # a tensor method outside the allow-list
         raise TraceError(f"a proxy is not callable inside a trace (at {_site()})")
 
     def value_of(self, proxy: Proxy) -> Any:
@@ -566,15 +580,27 @@ def _eager(op: str, target: str, args: tuple, kwargs: dict) -> Any:
 def _site() -> Site | None:
     """The innermost frame outside lazytensor and torch: the user's line."""
     frame = sys._getframe(1)
-    torch_dir = os.path.dirname(torch.__file__)
+    internal = _INTERNAL
     while frame is not None:
-        file = frame.f_code.co_filename
-        if not (
-            file.startswith(_HERE)
-            or file.startswith(torch_dir)
-            or file.startswith("<frozen")
-            or file.endswith("contextlib.py")
-        ):
-            return Site(file, frame.f_lineno)
+        code = frame.f_code
+        inside = internal.get(code)
+        if inside is None:
+            inside = internal[code] = _is_internal(code.co_filename)
+        if not inside:
+            return Site(code.co_filename, frame.f_lineno)
         frame = frame.f_back
     return None
+
+
+#: Code object -> whether its frames belong to lazytensor/torch (skipped when naming a line).
+_INTERNAL: dict[Any, bool] = {}
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _is_internal(file: str) -> bool:
+    return (
+        file.startswith(_HERE)
+        or file.startswith(_TORCH_DIR)
+        or file.startswith("<frozen")
+        or file.endswith("contextlib.py")
+    )

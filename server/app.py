@@ -29,6 +29,7 @@ class App:
     def __init__(self, service: Service, address: str, *, grace: float = 30.0) -> None:
         self.service, self.address, self.grace = service, address, grace
         self.bound = threading.Event()
+        self.thread: threading.Thread | None = None
         self.endpoint: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -43,9 +44,13 @@ class App:
             runner = asyncio.run
         runner(self._serve(signals))
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = 60.0) -> None:
+        """Shut down as on SIGTERM; waits for it when the app runs on another thread."""
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     async def _serve(self, signals: bool) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
@@ -72,8 +77,12 @@ class App:
         ]
         await self._stop.wait()
         log.info("shutting down: finishing running requests (grace %.0f s)", self.grace)
+        self.service.closing = True  # requests still arriving are told so, not dropped
+        shutdown = threading.Thread(target=self.service.shutdown, args=(self.grace,))
+        shutdown.start()
+        while shutdown.is_alive():
+            await asyncio.sleep(0.02)
         tasks[0].cancel()
-        await loop.run_in_executor(None, self.service.shutdown, self.grace)
         await asyncio.sleep(0.05)  # let the last replies reach the outbox
         while not outbox.empty():
             peer, frames = outbox.get_nowait()
@@ -112,6 +121,7 @@ def serve_in_thread(service: Service, address: str = "tcp://127.0.0.1:0") -> App
     thread = threading.Thread(
         target=app.run, kwargs={"signals": False}, daemon=True, name="lazytensor-server"
     )
+    app.thread = thread
     thread.start()
     if not app.bound.wait(30):
         raise RuntimeError(f"the embedded server did not start on {address}")

@@ -45,6 +45,10 @@ INPUT_KWARGS = frozenset(
 )
 
 
+class UnknownRequest(KeyError):
+    """A fetch for an id this server does not hold: the client sends the request again."""
+
+
 class Service:
     """Handles requests for a set of served models.
 
@@ -53,6 +57,7 @@ class Service:
         keys: accepted API keys (``Keys(None)`` for an open loopback server).
         limits: per-request limits.
         keep: how many finished results to keep for clients that ask again.
+        keep_bytes: how many bytes of finished results to keep.
         ttl: seconds a finished result is kept.
         trusted: run user-defined Python functions sent by clients (code from the network:
             only for clients you trust as you trust yourself).
@@ -65,6 +70,7 @@ class Service:
         limits: Limits | None = None,
         *,
         keep: int = 1024,
+        keep_bytes: int = 4 << 30,
         ttl: float = 600.0,
         trusted: bool = False,
     ) -> None:
@@ -74,8 +80,9 @@ class Service:
         self.models = {m.name: m for m in models}
         self.wire_limits = wire.Limits(max_total_bytes=self.limits.max_request_bytes)
         self.workers = {m.name: Worker(m, self.limits, self._done, trusted=trusted) for m in models}
-        self.keep, self.ttl = keep, ttl
-        self.finished: OrderedDict[str, tuple[float, str, dict]] = OrderedDict()
+        self.keep, self.keep_bytes, self.ttl = keep, keep_bytes, ttl
+        self.kept_bytes = 0
+        self.finished: OrderedDict[str, tuple[float, list, int]] = OrderedDict()
         self.running: dict[str, Job] = {}
         self.peers: dict[str, tuple[Any, Reply]] = {}
         self.closing = False
@@ -99,6 +106,7 @@ class Service:
                 "describe": self._describe,
                 "run": self._run,
                 "fetch": self._fetch,
+                "ack": self._ack,
             }.get(message.kind)
             if handler is None:
                 raise ProtocolError(
@@ -128,9 +136,10 @@ class Service:
             raise ProtocolError("a run request needs a string 'id'")
         with self._lock:
             self._expire()
-            if request_id in self.finished or request_id in self.running:
-                self._resend(peer, reply, request_id)  # a retry: never run a job twice
-                return
+            known = request_id in self.finished or request_id in self.running
+        if known:  # a retry: never run a job twice (_resend takes the lock itself)
+            self._resend(peer, reply, request_id)
+            return
         if self.closing:
             raise RuntimeError(
                 "the server is shutting down and accepts no new work; "
@@ -158,7 +167,7 @@ class Service:
             raise self._unknown(request_id)
 
     def _unknown(self, request_id: Any) -> KeyError:
-        return KeyError(
+        return UnknownRequest(
             f"no request {request_id!r} is running or kept on this server "
             f"(results are kept {self.ttl:g} s); send it again"
         )
@@ -167,8 +176,7 @@ class Service:
         with self._lock:
             self._expire()
             if request_id in self.finished:
-                _, kind, body = self.finished[request_id]
-                reply(peer, wire.encode(kind, {"id": request_id, **body}))
+                reply(peer, self.finished[request_id][1])
                 return
             job = self.running.get(request_id)
             if job is None:  # its result expired since the caller looked
@@ -211,10 +219,22 @@ class Service:
         if kind == "status":
             self._send(job.id, kind, body)
             return
-        frames = wire.encode(kind, {"id": job.id, **body})
+        try:
+            frames = wire.encode(kind, {"id": job.id, **body})
+        except Exception as exc:  # e.g. a saved value of a type the wire cannot carry
+            kind = "error"
+            frames = wire.encode(
+                kind,
+                {
+                    "id": job.id,
+                    "type": type(exc).__name__,
+                    "message": f"the result cannot be sent: {exc}",
+                },
+            )
         with self._lock:
             self.running.pop(job.id, None)
-            self.finished[job.id] = (time.monotonic(), kind, body)
+            self.finished[job.id] = (time.monotonic(), frames, _size(frames))
+            self.kept_bytes += _size(frames)
             self._expire()
             peer, reply = self.peers.pop(job.id, (None, None))
         now = time.monotonic()
@@ -240,12 +260,22 @@ class Service:
             reply(peer, wire.encode(kind, {"id": request_id, **body}))
 
     def _expire(self) -> None:
+        """Drop kept results past their time-to-live or over the count and byte budgets."""
         now = time.monotonic()
         while self.finished:
-            oldest, (stamp, _, _) = next(iter(self.finished.items()))
-            if len(self.finished) <= self.keep and now - stamp < self.ttl:
+            oldest, (stamp, _, size) = next(iter(self.finished.items()))
+            within = len(self.finished) <= self.keep and self.kept_bytes <= self.keep_bytes
+            if within and now - stamp < self.ttl:
                 break
             self.finished.pop(oldest)
+            self.kept_bytes -= size
+
+    def _ack(self, peer, reply, request_id, key_name, body, size) -> None:
+        """The client has its result: stop keeping it (no reply)."""
+        with self._lock:
+            kept = self.finished.pop(request_id, None)
+            if kept is not None:
+                self.kept_bytes -= kept[2]
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Refuse new work, let running jobs finish, fail the queued ones with a message."""

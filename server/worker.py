@@ -105,6 +105,8 @@ class Worker:
             self.busy = True
             try:
                 self.run_batch(batch)
+            except Exception:  # a bug here must not stop the model from being served
+                log.exception("worker %s failed a batch", self.served.name)
             finally:
                 self.busy = False
 
@@ -160,6 +162,8 @@ class Worker:
 
 def error_body(exc: BaseException) -> dict:
     """An exception as data for the client."""
+    if type(exc).__name__ == "UnknownRequest":
+        return {"type": "KeyError", "message": str(exc.args[0]), "unknown": True}
     if isinstance(exc, NodeFailure):
         error = exc.error
         return {
