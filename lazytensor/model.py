@@ -227,6 +227,7 @@ class LanguageModel(Model):
         """Load the real weights of a model created with ``dispatch=False``."""
         if not self._dispatched:
             object.__setattr__(self, "_module", _load(self._source, self._loader))
+            object.__setattr__(self, "_first_param", None)
             self._children.clear()
             object.__setattr__(self, "_dispatched", True)
 
@@ -302,7 +303,10 @@ class LanguageModel(Model):
     def _device(self) -> torch.device:
         if not isinstance(self._module, torch.nn.Module):  # a served model's handle
             return torch.device("cpu")
-        param = next(self._module.parameters(), None)
+        param = self.__dict__.get("_first_param")
+        if param is None:  # the same Parameter object stays across .to(): keep it
+            param = next(self._module.parameters(), None)
+            object.__setattr__(self, "_first_param", param)
         if param is None or param.device.type == "meta":
             return torch.device("cpu")
         return param.device
