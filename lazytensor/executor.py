@@ -432,10 +432,22 @@ class Executor:
         if node.id in self.mutating:
             self._check_write(node)
         (obj, *args), kwargs = self._args(node)
+        if not isinstance(obj, torch.Tensor):
+            raise TypeError(
+                f".{node.target}() was called on a {type(obj).__name__}; in a trace, methods "
+                "can be called on tensors only"
+            )
         return getattr(obj, ops.check_method(node.target))(*args, **kwargs)
 
     def getattr(self, node: Node) -> Any:
-        return getattr(self._value(node.args[0]), ops.check_attribute(node.target))
+        obj, name = self._value(node.args[0]), ops.check_attribute(node.target)
+        if not _readable(obj, name):
+            raise AttributeError(
+                f"{type(obj).__name__} has no attribute {name!r} that a trace may read: "
+                "tensors expose shape/dtype/T-like attributes, model outputs their fields, "
+                "named tuples their names"
+            )
+        return getattr(obj, name)
 
     def python(self, node: Node) -> Any:
         """A user's function, shipped as cloudpickle bytes: trusted runs only."""
@@ -457,6 +469,17 @@ class Executor:
             return self.modules[node.target](*args, **kwargs)
         finally:
             self.suspended -= 1
+
+
+def _readable(obj: Any, name: str) -> bool:
+    """The attribute reads a graph may do: data fields, never an object's internals."""
+    if isinstance(obj, torch.Tensor):
+        return name in ops.TENSOR_ATTRIBUTES
+    if isinstance(obj, dict):  # transformers' ModelOutput, lazytensor.wire.Record
+        return name in obj or name in getattr(type(obj), "__dataclass_fields__", ())
+    if isinstance(obj, tuple):  # namedtuples, torch.return_types
+        return name in getattr(type(obj), "__match_args__", ())
+    return False
 
 
 def _describe(node: Node) -> str:
