@@ -473,11 +473,21 @@ def _tensor_from_frame(spec: Any, view: memoryview, index: int) -> torch.Tensor:
             f"{what} claims {nbytes!r} bytes and its frame has {len(view)}, but shape {shape} "
             f"of {name} needs {expected}; the sender built a corrupt message"
         )
-    out = torch.empty(expected, dtype=torch.uint8)  # owns its memory; the frame may be freed
-    out.numpy()[:] = np.frombuffer(view, dtype=np.uint8)
+    out = _adopt(view) if expected else None
+    if out is None:  # read-only or unaligned bytes: one copy into memory of its own
+        out = torch.empty(expected, dtype=torch.uint8)
+        out.numpy()[:] = np.frombuffer(view, dtype=np.uint8)
     if dtype == torch.bool and expected and int(out.max()) > 1:
         raise _malformed(f"{what}'s bool data", "a byte > 1", "only 0 and 1")
     return out.view(dtype).reshape(shape)
+
+
+def _adopt(view: memoryview) -> torch.Tensor | None:
+    """The frame's own memory as a tensor, when it is writable and aligned (a received
+    ``zmq.Frame``): no copy, and the tensor keeps the frame alive."""
+    if view.readonly or np.frombuffer(view, dtype=np.uint8).ctypes.data % 64:
+        return None
+    return torch.frombuffer(view, dtype=torch.uint8)
 
 
 def _split_header(header: Any) -> tuple[str, dict, list]:
