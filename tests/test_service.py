@@ -1,0 +1,477 @@
+"""The service on bad input: every bad request gets a clear error, and the next one still works.
+
+Requests here are raw frames handed to :meth:`Service.handle`, as a hostile or buggy peer
+could send them: they start from the exact frames a client builds for a real trace
+(:class:`servers.Capture`), then break one thing. After each refusal the same service runs a
+correct request and must return the values the local model computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+
+import msgpack
+import pytest
+import torch
+
+from lazytensor import wire
+from lazytensor.client import Client, in_process
+from lazytensor.errors import ProtocolError
+from lazytensor.graph import Ref
+from lazytensor.wire import MAGIC, PROTOCOL_VERSION, VERSION_FRAME
+from lazytensor_server.auth import Keys
+from lazytensor_server.limits import Limits
+from lazytensor_server.service import Service
+from servers import MODEL, Capture
+
+PROMPTS = ["Q: cheap\nA:", "Q: big\nA:"]
+
+
+def record(model):
+    """A trace with a function, a method and a getattr node, and a point write."""
+    x = model.model.layers[1].mlp.down_proj.input  # (B, T, neurons)
+    x[:, -1, [7]] = 5.0  # function node: operator.setitem
+    logits = model.output.logits  # getattr node: logits
+    return logits[:, -1].softmax(-1).save()  # method node: softmax
+
+
+def request(model, key=None, generate=None, build=record) -> dict:
+    """The body a client sends to run ``build`` on ``PROMPTS`` (a fresh id each time)."""
+    capture = Capture()
+    client = Client("capture", key, transport=capture)
+    if generate is None:
+        trace = model.trace(PROMPTS, remote=client, blocking=False)
+    else:
+        trace = model.generate(PROMPTS, remote=client, blocking=False, **generate)
+    with trace:
+        build(model)
+    return wire.decode(capture.sent[-1]).body
+
+
+def frames_of(body: dict, kind: str = "run") -> list[bytes]:
+    return [bytes(f) for f in wire.encode(kind, body)]
+
+
+class Peer:
+    """One peer of a service, sending raw frames and collecting the decoded replies."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.replies: queue.Queue[wire.Message] = queue.Queue()
+
+    def send(self, frames: list, timeout: float = 30.0) -> None:
+        """Hand ``frames`` to the service; fail, not hang, if it does not return."""
+        thread = threading.Thread(
+            target=self.service.handle, args=(self, frames, self._reply), daemon=True
+        )
+        thread.start()
+        thread.join(timeout)
+        assert not thread.is_alive(), "the service hangs on this request"
+
+    def _reply(self, peer: object, frames: list) -> None:  # from a worker thread too
+        if peer is self:
+            self.replies.put(wire.decode(frames))
+
+    def answer(self, request_id: str | None = None, timeout: float = 30.0) -> wire.Message:
+        """The next reply that is not a status (for ``request_id`` only, if given)."""
+        end = time.monotonic() + timeout
+        while True:
+            message = self.replies.get(timeout=max(0.0, end - time.monotonic()))
+            if message.kind != "status" and request_id in (None, message.body.get("id")):
+                return message
+
+    def error(self, frames: list, type_name: str, *fragments: str) -> dict:
+        """Send ``frames``; expect an error of ``type_name`` whose message has ``fragments``."""
+        self.send(frames)
+        reply = self.answer()
+        assert reply.kind == "error", reply
+        assert reply.body["type"] == type_name, reply.body
+        for fragment in fragments:
+            assert fragment in reply.body["message"], reply.body["message"]
+        return reply.body
+
+
+@pytest.fixture
+def make_service(served_llama):
+    """Build services over the shared model; each is shut down after the test."""
+    made: list[Service] = []
+
+    def make(**kwargs) -> Service:
+        service = Service([served_llama], **kwargs)
+        made.append(service)
+        return service
+
+    yield make
+    for service in made:
+        service.shutdown(grace=5.0)
+
+
+@pytest.fixture(scope="module")
+def expected(local_llama) -> torch.Tensor:
+    with local_llama.trace(PROMPTS):
+        probs = record(local_llama)
+    return probs.value
+
+
+@pytest.fixture
+def still_serves(local_llama, expected):
+    """Check that a peer's service runs a correct request and returns the local values."""
+
+    def check(peer: Peer, key: str | None = None) -> None:
+        body = request(local_llama, key)
+        peer.send(frames_of(body))
+        reply = peer.answer()
+        assert reply.kind == "result", reply.body
+        assert reply.body["id"] == body["id"]
+        (saved,) = body["graph"]["saved"]
+        assert torch.equal(reply.body["values"][saved], expected)
+
+    return check
+
+
+def nodes_where(body: dict, op: str) -> list[list]:
+    return [node for node in body["graph"]["nodes"] if node[1] == op]
+
+
+# -- the wire -----------------------------------------------------------------------------------
+
+
+def test_a_correct_request_reports_its_progress(make_service, local_llama, expected):
+    peer = Peer(make_service())
+    body = request(local_llama)
+    peer.send(frames_of(body))
+    messages = [peer.replies.get(timeout=30)]
+    while messages[-1].kind == "status":
+        messages.append(peer.replies.get(timeout=30))
+    states = [m.body["state"] for m in messages[:-1]]
+    assert states[0] == "received" and {"queued", "running"} <= set(states)
+    assert all(m.body["id"] == body["id"] for m in messages)
+    (saved,) = body["graph"]["saved"]
+    assert torch.equal(messages[-1].body["values"][saved], expected)
+
+
+def test_malformed_and_truncated_frames(make_service, local_llama, still_serves):
+    peer = Peer(make_service())
+    good = frames_of(request(local_llama))
+    assert len(good) > 2  # the batch's token ids travel as tensor frames
+    header = good[1]
+    not_a_header = msgpack.packb([1, 2, 3])
+    cases = [
+        ([], "empty message"),
+        ([b"GET / HTTP/1.1"], "not a lazytensor message"),
+        ([VERSION_FRAME], "no header frame"),
+        ([VERSION_FRAME, b"\xc1"], "not valid msgpack"),
+        ([VERSION_FRAME, header[: len(header) // 2], *good[2:]], "not valid msgpack"),
+        ([VERSION_FRAME, not_a_header, *good[2:]], "the header is"),
+        (good[:-1], "header describes"),  # a tensor frame missing
+        ([*good, b"extra"], "header describes"),
+        ([*good[:-1], good[-1][:-1]], "bytes"),  # a tensor frame cut short
+    ]
+    for frames, fragment in cases:
+        peer.error(frames, "ProtocolError", fragment)
+        still_serves(peer)
+
+
+def test_a_refused_request_is_answered_under_its_id(make_service, local_llama):
+    """Even when the frames do not decode, the error carries the id the client waits on."""
+    peer = Peer(make_service())
+    body = request(local_llama)
+    good = frames_of(body)
+    reply = peer.error([*good[:-1], good[-1][:-1]], "ProtocolError")
+    assert reply["id"] == body["id"]
+
+
+def test_wrong_protocol_version_names_both(make_service, still_serves, local_llama):
+    peer = Peer(make_service())
+    frames = frames_of(request(local_llama))
+    frames[0] = MAGIC + bytes([PROTOCOL_VERSION + 1])
+    peer.error(
+        frames,
+        "ProtocolError",
+        f"protocol {PROTOCOL_VERSION + 1}",
+        f"this side speaks {PROTOCOL_VERSION}",
+    )
+    still_serves(peer)
+
+
+def test_unknown_request_kind(make_service, still_serves):
+    peer = Peer(make_service())
+    peer.error(
+        frames_of({"id": "x"}, kind="shell"), "ProtocolError", "unknown request kind 'shell'"
+    )
+    still_serves(peer)
+
+
+def test_tensor_header_whose_byte_length_lies(make_service, local_llama, still_serves):
+    peer = Peer(make_service())
+    frames = frames_of(request(local_llama))
+    header = msgpack.unpackb(frames[1], raw=False, strict_map_key=False)
+    spec = header["tensors"][0]
+    for nbytes, frame in (
+        (spec["nbytes"] + 8, frames[2]),  # the header lies, the frame is right
+        (spec["nbytes"] + 8, frames[2] + bytes(8)),  # both agree, the shape does not
+        (-1, frames[2]),
+    ):
+        lying = msgpack.packb(
+            {**header, "tensors": [{**spec, "nbytes": nbytes}, *header["tensors"][1:]]}
+        )
+        peer.error(
+            [frames[0], lying, frame, *frames[3:]], "ProtocolError", f"claims {nbytes} bytes"
+        )
+        still_serves(peer)
+
+
+def test_oversized_request(make_service, local_llama, expected):
+    service = make_service(limits=Limits(max_request_bytes=20_000))
+    peer = Peer(service)
+    big = torch.zeros(100, 64)  # 25,600 bytes, sent as a graph constant
+
+    def build(model):
+        return (model.model.layers[0].output[0] @ big.T).save()
+
+    body = request(local_llama, build=build)
+    reply = peer.error(frames_of(body), "ProtocolError", "max_total_bytes", "20000")
+    assert reply["id"] == body["id"]
+    client = in_process(service, timeout=10.0)
+    with pytest.raises(ProtocolError, match="the maximum is 20000"):
+        with local_llama.trace(PROMPTS, remote=client):
+            build(local_llama)
+    with local_llama.trace(PROMPTS, remote=client):
+        probs = record(local_llama)
+    assert torch.equal(probs.value, expected)
+
+
+# -- the graph ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["torch.load", "torch.from_file", "builtins.eval", "os.system"])
+def test_unknown_function_is_refused(target, make_service, local_llama, still_serves):
+    peer = Peer(make_service())
+    body = request(local_llama)
+    node = nodes_where(body, "function")[0]
+    node[2] = target
+    reply = peer.error(frames_of(body), "OpNotAllowedError", repr(target), "allow-list")
+    assert reply["node"] == node[0]
+    still_serves(peer)
+
+
+@pytest.mark.parametrize(
+    ("op", "target", "fragment"),
+    [
+        ("method", "__class__", "tensor method '__class__'"),
+        ("method", "untyped_storage", "tensor method 'untyped_storage'"),
+        ("method", "data_ptr", "tensor method 'data_ptr'"),
+        ("getattr", "_modules", "attribute '_modules'"),
+        ("getattr", "__class__", "attribute '__class__'"),
+        ("getattr", "__dict__", "attribute '__dict__'"),
+    ],
+)
+def test_forbidden_method_or_attribute(
+    op, target, fragment, make_service, local_llama, still_serves
+):
+    peer = Peer(make_service())
+    body = request(local_llama)
+    node = nodes_where(body, op)[0]
+    node[2] = target
+    reply = peer.error(frames_of(body), "OpNotAllowedError", fragment)
+    assert reply["node"] == node[0]
+    still_serves(peer)
+
+
+def test_unknown_op_is_refused(make_service, local_llama, still_serves):
+    peer = Peer(make_service())
+    body = request(local_llama)
+    nodes_where(body, "method")[0][1] = "eval"
+    peer.error(frames_of(body), "ProtocolError", "'eval'")
+    still_serves(peer)
+
+
+def test_user_functions_are_refused_unless_trusted(make_service, local_llama, still_serves):
+    peer = Peer(make_service())
+    body = request(local_llama)
+    node = nodes_where(body, "method")[0]
+    node[1], node[2] = "python", "builtins.print"
+    node[3] = (b"not even a pickle", *node[3])
+    peer.error(frames_of(body), "OpNotAllowedError", "--trusted-clients")
+    still_serves(peer)
+
+
+@pytest.mark.parametrize(
+    "path", ["model.layers.99.mlp", "model.layers.1.mlp.down_proj.weight", "model.nowhere"]
+)
+def test_module_path_that_does_not_exist(path, make_service, local_llama, still_serves):
+    peer = Peer(make_service())
+    body = request(local_llama)
+    point = next(n for n in body["graph"]["nodes"] if n[1] == "input")
+    point[2] = path
+    reply = peer.error(frames_of(body), "AttributeError", f"has no module {path!r}")
+    assert reply["node"] == point[0]
+    still_serves(peer)
+
+
+def test_a_reference_to_a_later_node_is_refused(make_service, local_llama, still_serves):
+    peer = Peer(make_service())
+    body = request(local_llama)
+    node = nodes_where(body, "method")[0]
+    node[3] = (Ref(len(body["graph"]["nodes"]) + 5), *node[3][1:])
+    peer.error(frames_of(body), "ProtocolError", "not recorded before it")
+    still_serves(peer)
+
+
+# -- limits ---------------------------------------------------------------------------------------
+
+
+def test_too_many_nodes(make_service, local_llama, still_serves):
+    peer = Peer(make_service(limits=Limits(max_nodes=3)))
+    body = request(local_llama)
+    assert len(body["graph"]["nodes"]) > 3
+    peer.error(frames_of(body), "LimitExceeded", "graph nodes", "--max-nodes")
+
+    def small(model):
+        return model.output.logits.save()  # 2 nodes
+
+    peer.send(frames_of(request(local_llama, build=small)))
+    assert peer.answer().kind == "result"
+
+
+def test_too_many_generation_steps(make_service, local_llama):
+    peer = Peer(make_service(limits=Limits(max_new_tokens=3)))
+
+    def steps(model):
+        return model.lm_head.output.save()
+
+    too_many = request(local_llama, generate={"max_new_tokens": 4, "do_sample": False}, build=steps)
+    peer.error(frames_of(too_many), "LimitExceeded", "generation steps", "--max-new-tokens")
+    fine = request(local_llama, generate={"max_new_tokens": 3, "do_sample": False}, build=steps)
+    peer.send(frames_of(fine))
+    assert peer.answer().kind == "result"
+
+
+@pytest.mark.parametrize("name", ["custom_generate", "trust_remote_code", "generation_config"])
+def test_forbidden_model_input(name, make_service, local_llama, still_serves):
+    peer = Peer(make_service())
+    body = request(local_llama)
+    body["batch"]["kwargs"][name] = "anything"
+    peer.error(frames_of(body), "OpNotAllowedError", f"model input {name!r} is not accepted")
+    still_serves(peer)
+
+
+def test_saved_bytes_limit(make_service, local_llama):
+    service = make_service(limits=Limits(max_saved_bytes=1_000))
+    peer = Peer(service)
+    peer.error(frames_of(request(local_llama)), "LimitExceeded", "saved bytes", "--max-saved-bytes")
+
+    def little(model):
+        return model.output.logits[:, -1, :4].save()  # 32 bytes
+
+    peer.send(frames_of(request(local_llama, build=little)))
+    assert peer.answer().kind == "result"
+
+
+def test_wall_time_limit(make_service, local_llama, still_serves):
+    service = make_service(limits=Limits(max_seconds=1e-6))
+    peer = Peer(service)
+    peer.error(frames_of(request(local_llama)), "TimeoutError", "--max-seconds")
+    # The worker survived and its deadline hook is gone: with a sane limit it runs again.
+    worker = service.workers[MODEL]
+    worker.limits = dataclasses.replace(worker.limits, max_seconds=300.0)
+    still_serves(peer)
+
+
+# -- keys -----------------------------------------------------------------------------------------
+
+
+def test_api_keys(make_service, local_llama, still_serves):
+    peer = Peer(make_service(keys=Keys({"s3cret": "alice"})))
+    for key in ("wrong", None, "", "s3cre", "s3cret "):
+        body = request(local_llama, key=key)
+        reply = peer.error(frames_of(body), "PermissionError", "invalid or missing API key")
+        assert reply["id"] == body["id"]
+        peer.error(frames_of({"id": "m", "key": key}, kind="models"), "PermissionError")
+    still_serves(peer, key="s3cret")
+
+
+def test_a_client_with_a_wrong_key_gets_permission_error(make_service):
+    service = make_service(keys=Keys({"s3cret": "alice"}))
+    with pytest.raises(PermissionError, match="invalid or missing API key"):
+        in_process(service, api_key="nope", timeout=10.0).models()
+    (info,) = in_process(service, api_key="s3cret", timeout=10.0).models()
+    assert info["name"] == MODEL
+
+
+# -- request ids: retries, fetch, expiry ----------------------------------------------------------
+
+
+def test_the_same_request_twice_runs_once(make_service, local_llama, expected):
+    service = make_service()
+    worker = service.workers[MODEL]
+    peer = Peer(service)
+    body = request(local_llama)
+    frames = frames_of(body)
+    (saved,) = body["graph"]["saved"]
+    peer.send(frames)
+    peer.send(frames)  # a retry while the first is queued or running
+    first = peer.answer(body["id"])
+    assert first.kind == "result" and torch.equal(first.body["values"][saved], expected)
+    peer.send(frames)  # a retry after it finished: the kept result
+    again = peer.answer(body["id"])
+    assert again.kind == "result" and torch.equal(again.body["values"][saved], expected)
+    # A different request behind them in the queue: had a retry run, it would have run first.
+    other = request(local_llama)
+    peer.send(frames_of(other))
+    assert peer.answer(other["id"]).kind == "result"
+    assert worker.served_count == 2
+
+
+def test_fetch_returns_the_kept_result(make_service, local_llama, expected):
+    service = make_service()
+    peer = Peer(service)
+    body = request(local_llama)
+    peer.send(frames_of(body))
+    assert peer.answer().kind == "result"
+    count = service.workers[MODEL].served_count
+    other = Peer(service)  # e.g. the same client, reconnected with a new identity
+    other.send(frames_of({"id": body["id"], "key": None}, kind="fetch"))
+    reply = other.answer()
+    assert reply.kind == "result"
+    (saved,) = body["graph"]["saved"]
+    assert torch.equal(reply.body["values"][saved], expected)
+    assert service.workers[MODEL].served_count == count
+    other.error(
+        frames_of({"id": "never-sent", "key": None}, kind="fetch"), "KeyError", "never-sent"
+    )
+
+
+def test_results_expire(make_service, local_llama, still_serves):
+    service = make_service(ttl=0.2)
+    peer = Peer(service)
+    body = request(local_llama)
+    peer.send(frames_of(body))
+    assert peer.answer().kind == "result"
+    time.sleep(0.3)
+    reply = peer.error(
+        frames_of({"id": body["id"], "key": None}, kind="fetch"),
+        "KeyError",
+        f"no request {body['id']!r} is running or kept",
+        "kept 0.2 s",
+    )
+    assert reply["message"].startswith("no request")  # not a KeyError's quoted repr
+    still_serves(peer)
+
+
+def test_kept_results_are_bounded(make_service, local_llama):
+    service = make_service(keep=2)
+    peer = Peer(service)
+    ids = []
+    for _ in range(3):
+        body = request(local_llama)
+        peer.send(frames_of(body))
+        assert peer.answer().kind == "result"
+        ids.append(body["id"])
+    peer.error(frames_of({"id": ids[0], "key": None}, kind="fetch"), "KeyError")
+    for kept in ids[1:]:
+        peer.send(frames_of({"id": kept, "key": None}, kind="fetch"))
+        assert peer.answer().kind == "result"
