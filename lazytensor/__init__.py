@@ -18,6 +18,7 @@ from .envoy import Envoy
 from .errors import (
     GraphError,
     LazytensorError,
+    LimitExceeded,
     NodeFailure,
     OpNotAllowedError,
     ProtocolError,
@@ -64,6 +65,7 @@ __all__ = [
     "GraphError",
     "LanguageModel",
     "LazytensorError",
+    "LimitExceeded",
     "Model",
     "NodeFailure",
     "OpNotAllowedError",

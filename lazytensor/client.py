@@ -35,7 +35,7 @@ _EXCEPTIONS: dict[str, type[BaseException]] = {
     for cls in (IndexError, ValueError, TypeError, KeyError, AttributeError, RuntimeError,
                 ZeroDivisionError, NotImplementedError, TimeoutError, PermissionError,
                 errors.GraphError, errors.OpNotAllowedError, errors.ProtocolError,
-                errors.TraceError, errors.LazytensorError)
+                errors.TraceError, errors.LazytensorError, errors.LimitExceeded)
 }  # fmt: skip
 
 

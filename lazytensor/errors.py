@@ -9,6 +9,7 @@ The tree::
     ├── OpNotAllowedError     an op outside the allow-list (also raised by the server)
     ├── ProtocolError         a malformed or incompatible wire message
     └── RemoteError           the server failed a request for a reason that has no local type
+        └── LimitExceeded     a request over one of the server's limits
 
 An exception raised *by the user's own ops* during replay (an ``IndexError`` from an
 out-of-range index, a ``RuntimeError`` from a shape mismatch) keeps its original type; its
@@ -47,6 +48,10 @@ class ProtocolError(LazytensorError):
 
 class RemoteError(LazytensorError):
     """The server failed a request; the message is the server's."""
+
+
+class LimitExceeded(RemoteError):
+    """A request was over one of the server's limits (the message names the flag)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -427,8 +427,9 @@ class Trace:
                 self.fake.update(self._run(self.graph.prefix(i), None, fake_mode=self._fake()))
         if i not in self.fake:
             raise TraceError(
-                f"the shape of the value at {self.graph.sites[i]} cannot be known "
-                "inside the trace (it never ran in a shape-only pass)"
+                f"the shape of the value at {self.graph.sites[i]} cannot be known inside the "
+                "trace: the shape-only pass never reached it (the model never computes it, or "
+                "first computes a shape from tensor values); save it and read it after the trace"
             )
         return self.fake[i]
 
@@ -482,16 +483,24 @@ class Trace:
 
     @contextlib.contextmanager
     def _paused(self) -> Iterator[None]:
-        """Let torch calls run for real (the model's own ``torch.arange``...), not record."""
+        """Let torch calls run for real (the model's own ``torch.arange``...), not record.
+
+        No trace is current meanwhile, so the recorder of an enclosing trace stands aside too.
+        """
+        token = _current.set(None)
         mode = self._mode
         if mode is None:  # a lazy trace records outside any block
-            yield
+            try:
+                yield
+            finally:
+                _current.reset(token)
             return
         paused, mode.paused = mode.paused, True
         try:
             yield
         finally:
             mode.paused = paused
+            _current.reset(token)
 
 
 class _Method:
@@ -540,7 +549,7 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.paused and self.trace.state is State.RECORDING:
+        if not self.paused and _current.get() is self.trace:  # not an enclosing trace's run
             if _has_proxy(args) or _has_proxy(kwargs.values()):
                 return self.trace.apply_torch(func, args, kwargs)
             if ops.factory_name(func) is not None:

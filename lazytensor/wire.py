@@ -28,6 +28,7 @@ msgpack of its payload:
     8     torch.Size    ``[dim, ...]``
     9     torch.Tensor  index into the header's ``tensors``
     10    Record        ``[class name, {field: value}]``
+    11    named tuple   ``[class name, [field, ...], [item, ...]]`` (``torch.return_types``)
     ====  ============  ==============================================
 
 Nothing a peer sends is unpickled or evaluated: decoding builds only the types above, checks
@@ -38,6 +39,9 @@ another :data:`PROTOCOL_VERSION`.
 
 from __future__ import annotations
 
+import collections
+import functools
+import keyword
 import math
 import reprlib
 from collections.abc import Mapping, Sequence
@@ -67,7 +71,8 @@ DTYPES: dict[str, torch.dtype] = {
 }  # fmt: skip
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
-TUPLE, SLICE, ELLIPSIS, REF, CONST, DTYPE, DEVICE, SIZE, TENSOR, RECORD = range(1, 11)
+TUPLE, SLICE, ELLIPSIS, REF, CONST, DTYPE, DEVICE, SIZE, TENSOR, RECORD, NAMED = range(1, 12)
+_MAX_FIELDS = 64
 
 _SHORT = reprlib.Repr()  # elides long lists, dicts and strings in error messages
 _INT_RANGE = range(-(2**63), 2**64)  # what a msgpack integer can hold
@@ -294,7 +299,11 @@ class _Encoder:
         if isinstance(v, torch.Size):
             return _ext(SIZE, [int(d) for d in v])
         if isinstance(v, tuple):
-            return _ext(TUPLE, [self.value(x, depth + 1) for x in v])
+            items = [self.value(x, depth + 1) for x in v]
+            fields = getattr(type(v), "__match_args__", None)  # namedtuple, torch.return_types
+            if type(v) is not tuple and fields and len(fields) == len(v):
+                return _ext(NAMED, [type(v).__name__, list(fields), items])
+            return _ext(TUPLE, items)
         if isinstance(v, list):
             return [self.value(x, depth + 1) for x in v]
         if type(v) is dict:
@@ -430,9 +439,37 @@ class _Decoder:
         if code == RECORD and isinstance(p, list) and len(p) == 2 and isinstance(p[0], str):
             if isinstance(p[1], dict) and all(isinstance(k, str) for k in p[1]):
                 return Record(p[0], {k: self.value(x, depth + 1) for k, x in p[1].items()})
-        if code in range(TUPLE, RECORD + 1):
+        if code == NAMED and _is_named(p):
+            cls = _named_tuple(p[0], tuple(p[1]))
+            return cls(*(self.value(x, depth + 1) for x in p[2]))
+        if code in range(TUPLE, NAMED + 1):
             raise _malformed(f"the payload of extension {code}", p, "the form in lazytensor.wire")
-        raise _malformed("an extension code", code, f"{TUPLE} to {RECORD}")
+        raise _malformed("an extension code", code, f"{TUPLE} to {NAMED}")
+
+
+def _is_named(p: Any) -> bool:
+    """``[name, fields, items]`` with plain identifiers only: they become a namedtuple class."""
+    if not (isinstance(p, list) and len(p) == 3 and isinstance(p[1], list)):
+        return False
+    name, fields, items = p
+    names = [name, *fields]
+    return (
+        isinstance(items, list)
+        and len(fields) == len(items) <= _MAX_FIELDS
+        and len(set(fields)) == len(fields)
+        and all(
+            isinstance(n, str)
+            and n.isidentifier()
+            and not n.startswith("_")
+            and not keyword.iskeyword(n)
+            for n in names
+        )
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _named_tuple(name: str, fields: tuple[str, ...]) -> type:
+    return collections.namedtuple(name, fields)
 
 
 def _slice_bound(v: Any) -> int | Ref | None:

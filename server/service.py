@@ -92,6 +92,9 @@ class Service:
     def handle(self, peer: Any, frames: list, reply: Reply) -> None:
         request_id = None
         try:
+            check(
+                "request bytes", _size(frames), self.limits.max_request_bytes, "--max-request-bytes"
+            )
             message = wire.decode(frames, limits=self.wire_limits)
             body = message.body
             request_id = body.get("id") if isinstance(body.get("id"), str) else None
@@ -152,8 +155,11 @@ class Service:
             self.running[request_id] = job
             self.peers[request_id] = (peer, reply)
         reply(peer, wire.encode("status", {"id": request_id, "state": "received"}))
-        position = worker.submit(job)
-        self._send(request_id, "status", {"state": "queued", "position": position})
+        position = worker.waiting()  # told before the worker can say "running"
+        reply(
+            peer, wire.encode("status", {"id": request_id, "state": "queued", "position": position})
+        )
+        worker.submit(job)
 
     def _fetch(self, peer, reply, request_id, key_name, body, size) -> None:
         with self._lock:

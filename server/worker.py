@@ -67,10 +67,12 @@ class Worker:
         )
         self._thread.start()
 
-    def submit(self, job: Job) -> int:
-        """Queue ``job``; returns its position (0 = next to run)."""
+    def waiting(self) -> int:
+        """How many jobs run before one submitted now (0 = it runs next)."""
+        return self.queue.qsize() + int(self.busy)
+
+    def submit(self, job: Job) -> None:
         self.queue.put(job)
-        return self.queue.qsize() - 1 + int(self.busy)
 
     def stop(self, timeout: float | None = None) -> None:
         self.queue.put(None)

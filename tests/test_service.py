@@ -19,7 +19,7 @@ import torch
 
 from lazytensor import wire
 from lazytensor.client import Client, in_process
-from lazytensor.errors import ProtocolError
+from lazytensor.errors import LimitExceeded
 from lazytensor.graph import Ref
 from lazytensor.wire import MAGIC, PROTOCOL_VERSION, VERSION_FRAME
 from lazytensor_server.auth import Keys
@@ -233,10 +233,10 @@ def test_oversized_request(make_service, local_llama, expected):
         return (model.model.layers[0].output[0] @ big.T).save()
 
     body = request(local_llama, build=build)
-    reply = peer.error(frames_of(body), "ProtocolError", "max_total_bytes", "20000")
+    reply = peer.error(frames_of(body), "LimitExceeded", "--max-request-bytes", "20,000")
     assert reply["id"] == body["id"]
     client = in_process(service, timeout=10.0)
-    with pytest.raises(ProtocolError, match="the maximum is 20000"):
+    with pytest.raises(LimitExceeded, match="--max-request-bytes"):
         with local_llama.trace(PROMPTS, remote=client):
             build(local_llama)
     with local_llama.trace(PROMPTS, remote=client):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import pickle
 from collections import OrderedDict
@@ -576,3 +577,22 @@ def test_ints_beyond_64_bits_raise_value_error(value):
 def test_encode_needs_a_str_kind_and_a_plain_dict_body(kind, body):
     with pytest.raises(TypeError, match="str kind and a dict body"):
         encode(kind, body)
+
+
+def test_named_tuples_keep_their_field_names():
+    result = torch.arange(6.0).topk(2)  # torch.return_types.topk
+    point = collections.namedtuple("Point", "x y")(1, torch.ones(2))
+    body = wire.decode(wire.encode("x", {"r": result, "p": point})).body
+    assert torch.equal(body["r"].values, result.values)
+    assert torch.equal(body["r"].indices, result.indices)
+    assert body["p"].x == 1 and torch.equal(body["p"].y, point.y)
+    values, indices = body["r"]
+    assert torch.equal(indices, result.indices)
+
+
+@pytest.mark.parametrize("fields", [["__class__"], ["import"], ["a", "a"], ["x y"]])
+def test_named_tuple_fields_must_be_plain_identifiers(fields):
+    payload = msgpack.packb(["T", fields, [1] * len(fields)])
+    header = msgpack.packb({"kind": "x", "body": msgpack.ExtType(11, payload), "tensors": []})
+    with pytest.raises(ProtocolError):
+        wire.decode([wire.VERSION_FRAME, header])
