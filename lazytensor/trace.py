@@ -570,7 +570,8 @@ def _unwrap(value: Any) -> Any:
     if isinstance(value, Proxy):
         return value.value
     if isinstance(value, (tuple, list)):
-        return type(value)(_unwrap(v) for v in value)
+        items = [_unwrap(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, dict):
         return {k: _unwrap(v) for k, v in value.items()}
     return value

@@ -241,6 +241,7 @@ def test_saved_proxies_behave_like_their_values_after_the_block(tiny_mlp: TinyML
     exact(h[-1], real[-1])
     exact(torch.relu(h), torch.relu(real))
     exact(torch.cat([h, h]), torch.cat([real, real]))
+    exact(torch.stack(Pair(h, h)), torch.stack([real, real]))  # a namedtuple of proxies
     exact(h.sum(-1), real.sum(-1))
     exact(h.softmax(-1), real.softmax(-1))
     assert float(h[0, 0]) == float(real[0, 0])
@@ -363,6 +364,24 @@ def test_patching_across_invokes(tiny_mlp: TinyMLP) -> None:
     expected = hooked(tiny_mlp, torch.cat([clean_x, corrupt_x]), post=[(tiny_mlp.layer2, patch)])
     exact(patched.value, expected[2:])
     assert not torch.equal(patched.value, hooked(tiny_mlp, corrupt_x))
+
+
+def test_patching_with_a_value_saved_by_an_earlier_trace(tiny_mlp: TinyMLP) -> None:
+    clean_x, corrupt_x = inputs(2), inputs(2, seed=3)
+    net = lt.Model(tiny_mlp)
+    with net.trace(clean_x):
+        clean = net.layer2.output[:, :4].save()
+    with net.trace(corrupt_x) as tracer:
+        net.layer2.output[:, :4] = clean  # a real tensor now: a constant of this graph
+        patched = net.output.save()
+    assert any(c is clean.value for c in tracer.graph.constants)
+    seen = {}
+    hooked(tiny_mlp, clean_x, post=[(tiny_mlp.layer2, lambda m, a, out: seen.update(h=out))])
+
+    def patch(module, args, out):
+        out[:, :4] = seen["h"][:, :4]
+
+    exact(patched.value, hooked(tiny_mlp, corrupt_x, post=[(tiny_mlp.layer2, patch)]))
 
 
 def test_invokes_batch_keyword_inputs_and_equal_non_tensor_inputs(zoo: Zoo) -> None:
