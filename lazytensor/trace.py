@@ -32,6 +32,7 @@ from . import ops
 from .errors import NodeFailure, Site, StrictModeError, TraceError, at_site
 from .graph import EVERY_CALL, Graph, Ref
 from .proxy import Proxy
+from .shapes import Shapes
 
 if TYPE_CHECKING:
     from .model import Model
@@ -97,8 +98,7 @@ class Trace:
         self.values: dict[int, Any] = {}
         self.synced: dict[int, Any] = {}
         self._refs: list[int] = []  # refs met by _arg while recording one node
-        self.fake: dict[int, Any] = {}
-        self._fake_mode: Any = None
+        self.shapes: Shapes | None = None  # fake values, made at the first shape query
         self._warned: set[Site | None] = set()
         self._in_invoke = False
         self._token: Any = None
@@ -137,8 +137,7 @@ class Trace:
     def _finish(self) -> None:
         self.state = State.DONE
         self.synced.clear()
-        self.fake.clear()
-        self._fake_mode = None
+        self.shapes = None
 
     def status(self) -> str:
         """For ``blocking=False``: the server's state of this job (``queued``, ``running``...)."""
@@ -417,48 +416,11 @@ class Trace:
 
     def meta(self, proxy: Proxy) -> Any:
         """A fake (shape-only) value for ``proxy``, computed without running the model."""
-        i = proxy._node
-        if i in self.synced:
-            return self.synced[i]
-        if i not in self.fake:
-            if self._can_propagate(i):
-                self.fake.update(self._propagate(i))
-            else:
-                self.fake.update(self._run(self.graph.prefix(i), None, fake_mode=self._fake()))
-        if i not in self.fake:
-            raise TraceError(
-                f"the shape of the value at {self.graph.sites[i]} cannot be known inside the "
-                "trace: the shape-only pass never reached it (the model never computes it, or "
-                "first computes a shape from tensor values); save it and read it after the trace"
-            )
-        return self.fake[i]
-
-    def _can_propagate(self, i: int) -> bool:
-        node = self.graph.nodes[i]
-        return (
-            not node.is_point and node.op != "module" and all(d in self.fake for d in node.refs())
-        )
-
-    def _propagate(self, i: int) -> dict[int, Any]:
-        from .executor import Batch, Executor
-
-        ex = Executor(self.model._module, self.graph, Batch(), fake_mode=self._fake())
-        for d, v in self.fake.items():
-            ex.values[d] = v
-        node = self.graph.nodes[i]
-        try:
-            with self._paused(), self._fake():
-                value = getattr(ex, node.op)(node)
-        except Exception as exc:
-            raise at_site(exc, self.graph.sites[i]) from exc
-        return {i: value}
-
-    def _fake(self) -> Any:
-        if self._fake_mode is None:
-            from torch._subclasses.fake_tensor import FakeTensorMode
-
-            self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        return self._fake_mode
+        if proxy._node in self.synced:
+            return self.synced[proxy._node]
+        if self.shapes is None:
+            self.shapes = Shapes(self)
+        return self.shapes.of(proxy._node)
 
     # -- running --------------------------------------------------------------------------
     def _batch(self) -> Any:

@@ -1,0 +1,71 @@
+"""Shapes: answering ``.shape``/``.dtype``/``len()`` inside a trace without running the model.
+
+Every proxy can get a *fake* value: a tensor with shape, dtype and device but no data
+(``FakeTensorMode``). A node whose inputs already have fake values is propagated alone, by the
+executor's own method for its op; any other node (a module's output, say) needs a shape-only
+pass of the graph so far through the model, which fills in fake values for everything it
+reaches. The pass runs where the graph would run: locally, or on the server for a served model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import TraceError, at_site
+
+if TYPE_CHECKING:
+    from .trace import Trace
+
+
+class Shapes:
+    """The fake values of one trace's nodes, computed on demand and kept until it ends."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+        self.fake: dict[int, Any] = {}
+        self._mode: Any = None
+
+    def of(self, i: int) -> Any:
+        """The fake value of node ``i``."""
+        if i not in self.fake:
+            if self._alone(i):
+                self.fake[i] = self._propagate(i)
+            else:
+                trace = self.trace
+                self.fake.update(trace._run(trace.graph.prefix(i), None, fake_mode=self.mode()))
+        if i not in self.fake:
+            raise TraceError(
+                f"the shape of the value at {self.trace.graph.sites[i]} cannot be known inside "
+                "the trace: the shape-only pass never reached it (the model never computes it, "
+                "or first computes a shape from tensor values); save it and read it after the "
+                "trace"
+            )
+        return self.fake[i]
+
+    def mode(self) -> Any:
+        if self._mode is None:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            self._mode = FakeTensorMode(allow_non_fake_inputs=True)
+        return self._mode
+
+    def _alone(self, i: int) -> bool:
+        """Whether node ``i`` can be propagated without a pass through the model."""
+        node = self.trace.graph.nodes[i]
+        return (
+            not node.is_point and node.op != "module" and all(d in self.fake for d in node.deps())
+        )
+
+    def _propagate(self, i: int) -> Any:
+        from .executor import Batch, Executor
+
+        trace = self.trace
+        executor = Executor(trace.model._module, trace.graph, Batch(), fake_mode=self.mode())
+        for d, value in self.fake.items():
+            executor.values[d] = value
+        node = trace.graph.nodes[i]
+        try:
+            with trace._paused(), self.mode():
+                return getattr(executor, node.op)(node)
+        except Exception as exc:
+            raise at_site(exc, trace.graph.sites[i]) from exc
