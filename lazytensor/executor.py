@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,8 @@ class Executor:
             later step); nothing is required to run, and all values are returned.
         trusted: run ``python`` nodes (user code). Local runs trust their own user; a server
             only when started with ``--trusted-clients``.
+        deadline: a ``time.monotonic()`` after which the run stops with ``TimeoutError``,
+            checked whenever a hooked module runs and at every generation step.
     """
 
     def __init__(
@@ -80,8 +83,10 @@ class Executor:
         stop_at: int | None = None,
         fake_mode: Any = None,
         trusted: bool = True,
+        deadline: float | None = None,
     ) -> None:
         self.model, self.graph, self.batch = model, graph, batch
+        self.deadline = deadline
         self.stop_at, self.fake_mode, self.trusted = stop_at, fake_mode, trusted
         nodes = graph.nodes
         self._plan(nodes)
@@ -218,9 +223,17 @@ class Executor:
         steps = int(self.batch.kwargs.get("max_new_tokens", 1))
         return ids.new_empty(ids.shape[0], ids.shape[1] + steps)
 
+    def _check_time(self, *_: Any) -> bool:
+        if time.monotonic() > self.deadline:
+            raise TimeoutError("the run was stopped at its time limit")
+        return False  # as a stopping criterion: never stop generation early
+
     def _call_model(self, batch: Batch) -> Any:
         if batch.generate:
-            return self.model.generate(*batch.args, **batch.kwargs)
+            kwargs = batch.kwargs
+            if self.deadline is not None:
+                kwargs = {**kwargs, "stopping_criteria": [self._check_time]}
+            return self.model.generate(*batch.args, **kwargs)
         return self.model(*batch.args, **batch.kwargs)
 
     def _pre_hook(self, key: tuple[str, str]):
@@ -247,6 +260,8 @@ class Executor:
 
     def _fire(self, key: tuple[str, str]) -> None:
         """Make ``key`` at its next call the active moment and run everything now ready."""
+        if self.deadline is not None:
+            self._check_time()
         call = self.calls.get(key, 0)
         self.calls[key] = call + 1
         here = [i for i in self.points.get(key, ()) if self._matches(i, call)]

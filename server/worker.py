@@ -145,16 +145,21 @@ class Worker:
             stop_at=job.stop_at,
             fake_mode=fake_mode,
             trusted=self.trusted,
+            deadline=time.monotonic() + self.limits.max_seconds,
         )
-        with _deadline(self.limits.max_seconds):
-            try:
-                values = executor.run()
-            except torch.cuda.OutOfMemoryError as exc:
-                torch.cuda.empty_cache()
-                raise MemoryError(
-                    f"the GPU ran out of memory for this request: {exc}; "
-                    "use a smaller batch or save less"
-                ) from None
+        try:
+            values = executor.run()
+        except TimeoutError as exc:
+            raise TimeoutError(
+                f"{exc}: over this server's limit of {self.limits.max_seconds:g} s "
+                "(--max-seconds); ask for less work per request"
+            ) from None
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise MemoryError(
+                f"the GPU ran out of memory for this request: {exc}; "
+                "use a smaller batch or save less"
+            ) from None
         if job.fake:
             return {i: _meta(v) for i, v in values.items()}
         values = {i: portable(v) for i, v in values.items()}
@@ -243,29 +248,3 @@ def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: _to(v, device) for k, v in value.items()}
     return value
-
-
-class _deadline:
-    """Abort the running forward (at its next module call) once ``seconds`` have passed."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.thread = threading.get_ident()
-
-    def __enter__(self) -> None:
-        end = time.monotonic() + self.seconds
-        thread, seconds = self.thread, self.seconds
-
-        def check_time(module, args):
-            if threading.get_ident() == thread and time.monotonic() > end:
-                raise TimeoutError(
-                    f"the request ran past this server's limit of {seconds:g} s "
-                    "(--max-seconds); ask for less work per request"
-                )
-
-        from torch.nn.modules.module import register_module_forward_pre_hook
-
-        self.handle = register_module_forward_pre_hook(check_time)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.remove()

@@ -381,6 +381,15 @@ def test_wall_time_limit(make_service, local_llama, still_serves):
     still_serves(peer)
 
 
+def test_wall_time_limit_stops_generation_between_steps(make_service, local_llama):
+    """A generation whose graph hooks nothing is still stopped, at its next decoding step."""
+    service = make_service(limits=Limits(max_seconds=1e-6))
+    client = in_process(service, timeout=30.0)
+    with pytest.raises(TimeoutError, match="--max-seconds"):
+        with local_llama.generate(PROMPTS, max_new_tokens=3, remote=client) as tracer:
+            tracer.result.save()
+
+
 # -- keys -----------------------------------------------------------------------------------------
 
 
