@@ -141,15 +141,27 @@ class Trace:
 
     def status(self) -> str:
         """For ``blocking=False``: the server's state of this job (``queued``, ``running``...)."""
+        self._submit_unentered()
         if self.job is None:
             return self.state.value
         return self.job.status() if self.state is State.SUBMITTED else self.state.value
+
+    def _submit_unentered(self) -> None:
+        """``job = model.trace(x, remote=..., blocking=False)`` used without a ``with`` block:
+        submit it on first use, saving the model's output."""
+        fresh = self.state is State.RECORDING and self._token is None and not self.lazy
+        if fresh and not self.blocking and self.parts:
+            if not self.graph.nodes:
+                self.save(self.read("", "output"))
+            self.job = self.model._submit(self.graph, self._batch(), self.remote)
+            self.state = State.SUBMITTED
 
     def _wait(self) -> list[Any]:
         """For ``blocking=False``: wait for the job; returns the saved values in save order.
 
         Saved proxies also answer with their values from then on.
         """
+        self._submit_unentered()
         if self.state is State.SUBMITTED:
             try:
                 self.values = self.job.result()

@@ -276,6 +276,18 @@ def test_non_blocking_job(remote, oracle):
     assert job.status() == "done"
 
 
+def test_non_blocking_job_without_a_block(remote, local_llama):
+    """`job = model.trace("Hi", remote=True, blocking=False)`: submitted on first use, and its
+    result is the model's output."""
+    model, where = remote
+    job = model.trace(SENTENCES, remote=where or True, blocking=False)
+    assert job.status() in ("sent", "received", "queued", "running", "completed")
+    (out,) = job.result()
+    with local_llama.trace(SENTENCES):
+        want = local_llama.output.logits.save()
+    assert torch.equal(out.logits, want.value)
+
+
 def test_several_jobs_in_flight_on_one_client(llama_service, local_llama):
     """Replies that one job reads for another are kept for it, whatever the waiting order."""
     client = in_process(llama_service, timeout=3.0, silence=5.0)  # no time for a re-ask
