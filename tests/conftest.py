@@ -11,6 +11,7 @@ import pathlib
 
 import pytest
 
+import lazytensor as lt
 from lazytensor.tiny import build_tiny_lm
 from models import TinyMLP
 
@@ -25,6 +26,28 @@ def llama_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 def gpt2_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """Directory of a tiny random ``GPT2LMHeadModel`` (4 layers) and its tokenizer."""
     return build_tiny_lm(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama(llama_path: pathlib.Path) -> lt.LanguageModel:
+    """The tiny Llama loaded through ``LanguageModel(path)`` (wrapping keeps no state)."""
+    return lt.LanguageModel(llama_path)
+
+
+@pytest.fixture(scope="session")
+def gpt2(gpt2_path: pathlib.Path) -> lt.LanguageModel:
+    return lt.LanguageModel(gpt2_path)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def arch(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def lm(arch: str, request: pytest.FixtureRequest) -> lt.LanguageModel:
+    """Each architecture in turn (tests read its module paths from a dict keyed by ``arch``)."""
+    return request.getfixturevalue(arch)
 
 
 @pytest.fixture

@@ -21,26 +21,6 @@ OPTIONS = {"max_new_tokens": STEPS, "min_new_tokens": STEPS, "do_sample": False}
 MLP = {"llama": "model.layers.1.mlp", "gpt2": "transformer.h.1.mlp"}
 
 
-@pytest.fixture(scope="module")
-def llama(llama_path) -> lt.LanguageModel:
-    return lt.LanguageModel(llama_path)
-
-
-@pytest.fixture(scope="module")
-def gpt2(gpt2_path) -> lt.LanguageModel:
-    return lt.LanguageModel(gpt2_path)
-
-
-@pytest.fixture(params=sorted(MLP))
-def arch(request) -> str:
-    return request.param
-
-
-@pytest.fixture
-def lm(arch, request) -> lt.LanguageModel:
-    return request.getfixturevalue(arch)
-
-
 def reference(
     lm: lt.LanguageModel, mlp: str, scaled_calls=(), rows=slice(None)
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:

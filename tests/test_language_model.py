@@ -31,26 +31,6 @@ PATHS = {
 }
 
 
-@pytest.fixture(scope="module")
-def llama(llama_path) -> lt.LanguageModel:
-    return lt.LanguageModel(llama_path)
-
-
-@pytest.fixture(scope="module")
-def gpt2(gpt2_path) -> lt.LanguageModel:
-    return lt.LanguageModel(gpt2_path)
-
-
-@pytest.fixture(params=sorted(PATHS))
-def arch(request) -> str:
-    return request.param
-
-
-@pytest.fixture
-def lm(arch, request) -> lt.LanguageModel:
-    return request.getfixturevalue(arch)
-
-
 # -- the hand-written side -------------------------------------------------------------------
 def encode(tokenizer, rows: list[list[int]] | list[str]) -> dict[str, torch.Tensor]:
     """Left-padded ``input_ids``, ``attention_mask`` and ``position_ids`` built by hand."""
