@@ -18,8 +18,7 @@ message is rewritten by :func:`at_site` to quote the user's source line.
 
 from __future__ import annotations
 
-import linecache
-from dataclasses import dataclass
+from .site import Site
 
 
 class LazytensorError(Exception):
@@ -52,22 +51,6 @@ class RemoteError(LazytensorError):
 
 class LimitExceeded(RemoteError):
     """A request was over one of the server's limits (the message names the flag)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Site:
-    """Where the user's code recorded a node: ``file:line``."""
-
-    file: str
-    line: int
-
-    def source(self) -> str:
-        return linecache.getline(self.file, self.line).strip()
-
-    def __str__(self) -> str:
-        text = self.source()
-        where = f"{self.file}:{self.line}"
-        return f'{where} "{text}"' if text else where
 
 
 def at_site(exc: BaseException, site: Site | None, hint: str = "") -> BaseException:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import os
-import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -29,10 +27,12 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import ops
-from .errors import NodeFailure, Site, StrictModeError, TraceError, at_site
+from .errors import NodeFailure, StrictModeError, TraceError, at_site
 from .graph import EVERY_CALL, Graph, Ref
 from .proxy import Proxy
 from .shapes import Shapes
+from .site import Site
+from .site import here as _site
 
 if TYPE_CHECKING:
     from .model import Model
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lazytensor")
 
 _current: ContextVar[Trace | None] = ContextVar("lazytensor_trace", default=None)
-_HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _META_ATTRIBUTES = frozenset(("shape", "dtype", "device", "ndim", "is_cuda", "layout"))
 _META_METHODS = frozenset(("size", "dim", "numel", "ndimension", "nelement", "element_size",
                            "is_floating_point", "is_contiguous"))  # fmt: skip
@@ -559,32 +558,3 @@ def _eager(op: str, target: str, args: tuple, kwargs: dict) -> Any:
     if op == "getattr":
         return getattr(args[0], target)
     raise TraceError(f"{op} cannot run after the trace")
-
-
-def _site() -> Site | None:
-    """The innermost frame outside lazytensor and torch: the user's line."""
-    frame = sys._getframe(1)
-    internal = _INTERNAL
-    while frame is not None:
-        code = frame.f_code
-        inside = internal.get(code)
-        if inside is None:
-            inside = internal[code] = _is_internal(code.co_filename)
-        if not inside:
-            return Site(code.co_filename, frame.f_lineno)
-        frame = frame.f_back
-    return None
-
-
-#: Code object -> whether its frames belong to lazytensor/torch (skipped when naming a line).
-_INTERNAL: dict[Any, bool] = {}
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
-
-
-def _is_internal(file: str) -> bool:
-    return (
-        file.startswith(_HERE)
-        or file.startswith(_TORCH_DIR)
-        or file.startswith("<frozen")
-        or file.endswith("contextlib.py")
-    )
