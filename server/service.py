@@ -91,10 +91,9 @@ class Service:
     # -- intake -------------------------------------------------------------------------------
     def handle(self, peer: Any, frames: list, reply: Reply) -> None:
         request_id = None
+        size = _size(frames)
         try:
-            check(
-                "request bytes", _size(frames), self.limits.max_request_bytes, "--max-request-bytes"
-            )
+            check("request bytes", size, self.limits.max_request_bytes, "--max-request-bytes")
             message = wire.decode(frames, limits=self.wire_limits)
             body = message.body
             request_id = body.get("id") if isinstance(body.get("id"), str) else None
@@ -116,7 +115,7 @@ class Service:
                     f"unknown request kind {message.kind!r}; expected "
                     "models, describe, run or fetch"
                 )
-            handler(peer, reply, request_id, key_name, body, _size(frames))
+            handler(peer, reply, request_id, key_name, body, size)
         except Exception as exc:  # every bad request is answered, none crashes the server
             if request_id is None:  # so the error reaches a client waiting on that id
                 request_id = _peek_id(frames, self.wire_limits.max_header_bytes)
@@ -204,8 +203,7 @@ class Service:
     def _job(
         self, request_id: str, key_name: str, served: ServedModel, body: dict, size: int
     ) -> Job:
-        limits = self.limits
-        check("request bytes", size, limits.max_request_bytes, "--max-request-bytes")
+        limits = self.limits  # request bytes were checked in handle, before decoding
         graph = wire.decode_graph(body.get("graph"), _consts(body.get("graph")))
         check("graph nodes", len(graph.nodes), limits.max_nodes, "--max-nodes")
         _check_graph(graph, served, self.trusted)
@@ -237,10 +235,11 @@ class Service:
                     "message": f"the result cannot be sent: {exc}",
                 },
             )
+        size = _size(frames)
         with self._lock:
             self.running.pop(job.id, None)
-            self.finished[job.id] = (time.monotonic(), frames, _size(frames))
-            self.kept_bytes += _size(frames)
+            self.finished[job.id] = (time.monotonic(), frames, size)
+            self.kept_bytes += size
             self._expire()
             peer, reply = self.peers.pop(job.id, (None, None))
         now = time.monotonic()
@@ -251,7 +250,7 @@ class Service:
             job.model,
             len(job.graph.nodes),
             job.bytes_in,
-            _size(frames),
+            size,
             (job.started - job.received) * 1e3,
             (now - job.started) * 1e3,
             kind,
