@@ -15,9 +15,10 @@ It measures, each as the median of repeated runs in this process:
   also the round trip of a bare ``models`` request, the floor of any request;
 * ``transfer``: saving one large tensor built in the trace (``torch.zeros(n) + logit``), GB/s
   of payload end to end, and net of the same trace run locally (target > 1 GB/s);
-* ``codec``: :func:`lazytensor.wire.encode` and :func:`~lazytensor.wire.decode` of a result
-  message alone, next to what the machine gives: ``clone`` (a copy into fresh memory, as
-  decode makes) and the same bytes through a bare ZeroMQ PUSH/PULL pair on loopback;
+* ``codec``: :func:`lazytensor.protocol.codec.encode` and
+  :func:`~lazytensor.protocol.codec.decode` of a result message alone, next to what the
+  machine gives: ``clone`` (a copy into fresh memory, as decode makes) and the same bytes
+  through a bare ZeroMQ PUSH/PULL pair on loopback;
 * ``rps``: requests per second with 1, 4 and 16 threads, each with its own
   ``lt.connect(endpoint)`` client, each running the one-save trace in a loop.
 
@@ -54,7 +55,7 @@ from typing import Any
 import torch
 
 import lazytensor as lt
-from lazytensor import wire
+from lazytensor.protocol import codec as wire
 from lazytensor.tiny import cached_tiny_lm
 
 PROMPT = "The Eiffel Tower is in"

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .client import Client, connect
-from .envoy import Envoy
-from .errors import (
+from .backends.base import JobState
+from .core.errors import (
     GraphError,
     LazytensorError,
     LimitExceeded,
@@ -23,12 +22,16 @@ from .errors import (
     OpNotAllowedError,
     ProtocolError,
     RemoteError,
+    RemoteOutOfMemory,
+    RemoteTimeout,
     StrictModeError,
     TraceError,
 )
-from .model import LanguageModel, Model
-from .proxy import Proxy
-from .trace import Trace
+from .frontend.envoy import Envoy
+from .frontend.model import LanguageModel, Model
+from .frontend.served import Client, connect
+from .tracing.proxy import Proxy
+from .tracing.trace import Trace, current
 
 __version__ = "0.1.0"
 
@@ -43,8 +46,6 @@ def apply(fn: Any, *args: Any, **kwargs: Any) -> Any:
         >>> with net.trace(x):                                   # doctest: +SKIP
         ...     y = lt.apply(lambda t: t.numpy().std(), net.layer1.output).save()
     """
-    from .trace import current
-
     for value in (*args, *kwargs.values()):
         if isinstance(value, Proxy):
             return value._trace.apply_python(fn, args, kwargs)
@@ -63,6 +64,7 @@ __all__ = [
     "Client",
     "Envoy",
     "GraphError",
+    "JobState",
     "LanguageModel",
     "LazytensorError",
     "LimitExceeded",
@@ -72,11 +74,14 @@ __all__ = [
     "ProtocolError",
     "Proxy",
     "RemoteError",
+    "RemoteOutOfMemory",
+    "RemoteTimeout",
     "StrictModeError",
     "Trace",
     "TraceError",
     "__version__",
     "apply",
     "connect",
+    "current",
     "save",
 ]

@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .client import connect
-from .model import LanguageModel
+from .frontend.model import LanguageModel
+from .frontend.served import connect
 
 PROMPTS = ("Q: cheap\nA:", "Q: big\nA:", "Q: fast\nA:")
 """The prompts; each is run clean and forced in the same batch."""

@@ -1,6 +1,6 @@
 """Servers for the remote tests: the same serving code reached three ways, cheapest first.
 
-- :func:`inproc_client`: a :class:`~lazytensor.client.Client` whose transport hands frames
+- :func:`inproc_client`: a :class:`~lazytensor.frontend.served.Client` whose transport hands frames
   straight to a :class:`~lazytensor_server.service.Service` in this process (no sockets).
 - :func:`embedded_server`: an :class:`~lazytensor_server.app.App`, a real ZeroMQ ROUTER socket
   on loopback, served from a thread of this process.
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import pytest
 
 import lazytensor as lt
-from lazytensor.client import Client, in_process
+from lazytensor.frontend.served import Client, in_process
 from lazytensor_server.app import App, serve_in_thread
 from lazytensor_server.registry import ServedModel, load
 from lazytensor_server.service import Service

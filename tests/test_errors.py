@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import lazytensor as lt
-from lazytensor.errors import NodeFailure, Site, at_site
-from lazytensor.trace import State
+from lazytensor.core.errors import NodeFailure, at_site
+from lazytensor.core.site import Site
+from lazytensor.tracing.trace import State
 from models import TinyMLP, Zoo
 
 THIS_FILE = pathlib.Path(__file__).name

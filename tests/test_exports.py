@@ -8,6 +8,7 @@ PUBLIC = [
     "Client",
     "Envoy",
     "GraphError",
+    "JobState",
     "LanguageModel",
     "LazytensorError",
     "LimitExceeded",
@@ -17,12 +18,15 @@ PUBLIC = [
     "ProtocolError",
     "Proxy",
     "RemoteError",
+    "RemoteOutOfMemory",
+    "RemoteTimeout",
     "StrictModeError",
     "Trace",
     "TraceError",
     "__version__",
     "apply",
     "connect",
+    "current",
     "save",
 ]
 
@@ -44,9 +48,11 @@ def test_errors_are_exceptions_of_one_tree() -> None:
     errors = [
         name
         for name in PUBLIC
-        if name.endswith("Error") or name in ("NodeFailure", "LimitExceeded")
+        if name.endswith("Error")
+        or name.startswith("Remote")
+        or name in ("NodeFailure", "LimitExceeded")
     ]
-    assert len(errors) == 9
+    assert len(errors) == 11
     for name in errors:
         assert issubclass(getattr(lt, name), lt.LazytensorError), name
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 import lazytensor as lt
-from lazytensor import graph as g
-from lazytensor.errors import Site
-from lazytensor.executor import Batch, Executor
+from lazytensor.core import graph as g
+from lazytensor.core.graph import Batch
+from lazytensor.core.site import Site
+from lazytensor.runtime.executor import Executor
 from models import TinyMLP, hooked
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lazytensor as lt
-from lazytensor.trace import State
+from lazytensor.tracing.trace import State
 from models import TinyMLP, Zoo, hooked
 
 
@@ -157,7 +157,7 @@ def test_no_hooks_or_modes_left_after_a_failure(tiny_mlp: TinyMLP, fail, error) 
         fail(net)
     assert_no_hooks(tiny_mlp)
     assert function_modes() == modes
-    assert lt.trace.current() is None
+    assert lt.current() is None
     # the model still traces and runs normally afterwards
     x = inputs(2)
     with net.trace(x):
@@ -167,12 +167,12 @@ def test_no_hooks_or_modes_left_after_a_failure(tiny_mlp: TinyMLP, fail, error) 
 
 def test_modes_are_set_only_inside_the_block(tiny_mlp: TinyMLP) -> None:
     net = lt.Model(tiny_mlp)
-    assert function_modes() == 0 and lt.trace.current() is None
+    assert function_modes() == 0 and lt.current() is None
     with net.trace(inputs(2)) as tracer:
         assert function_modes() == 1
-        assert lt.trace.current() is tracer
+        assert lt.current() is tracer
         net.output.save()
-    assert function_modes() == 0 and lt.trace.current() is None
+    assert function_modes() == 0 and lt.current() is None
     assert tracer.state is State.DONE
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import lazytensor as lt
-from lazytensor import ops
+from lazytensor.core import ops
 from models import TinyMLP, hooked
 
 #: A tensor the recorded code closes over: it becomes a graph constant.
@@ -237,14 +237,16 @@ def test_private_attributes_are_refused(name: str) -> None:
 
 
 def test_mutations_and_views() -> None:
-    assert ops.is_mutation("function", "operator.setitem")
-    assert ops.is_mutation("method", "add_")
-    assert not ops.is_mutation("method", "add")
-    assert not ops.is_mutation("method", "__add__")
-    assert not ops.is_mutation("getattr", "add_")
-    assert ops.is_view("method", "view") and ops.is_view("function", "operator.getitem")
-    assert not ops.is_view("method", "clone")
-    assert not ops.is_view("module", "view")
+    assert ops.facts("function", "operator.setitem").writes
+    assert ops.facts("method", "add_").writes
+    assert not ops.facts("method", "add").writes
+    assert not ops.facts("method", "__add__").writes
+    assert not ops.facts("getattr", "add_").writes
+    assert not ops.facts("function", "operator.and_").writes  # ends in "_", writes nothing
+    assert ops.facts("method", "view").aliases and ops.facts("function", "operator.getitem").aliases
+    assert ops.facts("function", "torch.transpose").aliases
+    assert not ops.facts("method", "clone").aliases
+    assert not ops.facts("module", "view").aliases
 
 
 def test_operator_tables_name_allowed_functions() -> None:

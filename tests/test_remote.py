@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lazytensor as lt
-from lazytensor.client import Client, in_process
+from lazytensor.frontend.served import Client, in_process
 from lazytensor_server.service import Service
 from servers import MODEL
 
@@ -305,10 +305,20 @@ def test_several_jobs_in_flight_on_one_client(llama_service, local_llama):
         assert torch.equal(logits.value, want.value)
 
 
-def test_non_blocking_needs_a_server(local_llama):
-    with pytest.raises(lt.TraceError, match="blocking=False needs remote"):
-        with local_llama.trace("Hi", blocking=False):
-            local_llama.output.save()
+def test_a_local_non_blocking_trace_is_a_job_that_runs_when_asked(local_llama):
+    with local_llama.trace("Hi", blocking=False) as job:
+        logits = local_llama.output.logits.save()
+    assert job.status() == lt.JobState.QUEUED  # nothing ran yet
+    (value,) = job.result()
+    assert job.status() == "done" and torch.equal(logits.value, value)
+    with local_llama.trace("Hi"):
+        want = local_llama.output.logits.save()
+    assert torch.equal(value, want.value)
+    with local_llama.trace("Hi", blocking=False) as dropped:
+        local_llama.output.save()
+    assert dropped.cancel() and dropped.status() == "failed"
+    with pytest.raises(lt.TraceError, match="cancelled"):
+        dropped.result()
 
 
 # -- errors -----------------------------------------------------------------------------------

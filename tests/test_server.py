@@ -15,9 +15,11 @@ import pytest
 import torch
 import zmq
 
-from lazytensor import wire
-from lazytensor.client import Client, RemoteJob
+from lazytensor.backends.client import RemoteJob
+from lazytensor.frontend.served import Client
+from lazytensor.protocol import messages
 from servers import MODEL, Capture, ServerProcess
+from wire import wire
 
 KEY = "s3cret-key-for-alice"
 SENTENCES = ["Q: cheap\nA:", "Q: big\nA:", "Q: fast\nA:"]
@@ -134,7 +136,7 @@ def test_a_client_that_disconnects_gets_its_result_on_a_new_connection(server, c
         assert time.monotonic() < deadline, "the abandoned request never ran"
         time.sleep(0.05)
     # A new connection asks for it by id and gets the kept result, without a second run.
-    job = RemoteJob(client, {"id": request_id, "request": None}, None, kind="fetch")
+    job = RemoteJob(client, messages.Fetch(request_id, client.api_key), None)
     job.send()
     values = job.result()
     assert torch.equal(values[logits._node], want)

@@ -17,15 +17,15 @@ import msgpack
 import pytest
 import torch
 
-from lazytensor import wire
-from lazytensor.client import Client, in_process
-from lazytensor.errors import LimitExceeded
-from lazytensor.graph import Ref
-from lazytensor.wire import MAGIC, PROTOCOL_VERSION, VERSION_FRAME
+from lazytensor.core.errors import LimitExceeded
+from lazytensor.core.graph import Ref
+from lazytensor.frontend.served import Client, in_process
+from lazytensor.protocol.values import MAGIC, PROTOCOL_VERSION, VERSION_FRAME
 from lazytensor_server.auth import Keys
 from lazytensor_server.limits import Limits
 from lazytensor_server.service import Service
 from servers import MODEL, Capture
+from wire import wire
 
 PROMPTS = ["Q: cheap\nA:", "Q: big\nA:"]
 
@@ -374,7 +374,7 @@ def test_saved_bytes_limit(make_service, local_llama):
 def test_wall_time_limit(make_service, local_llama, still_serves):
     service = make_service(limits=Limits(max_seconds=1e-6))
     peer = Peer(service)
-    peer.error(frames_of(request(local_llama)), "TimeoutError", "--max-seconds")
+    peer.error(frames_of(request(local_llama)), "RemoteTimeout", "--max-seconds")
     # The worker survived and its deadline hook is gone: with a sane limit it runs again.
     worker = service.workers[MODEL]
     worker.limits = dataclasses.replace(worker.limits, max_seconds=300.0)
@@ -450,7 +450,7 @@ def test_fetch_returns_the_kept_result(make_service, local_llama, expected):
     assert torch.equal(reply.body["values"][saved], expected)
     assert service.workers[MODEL].served_count == count
     other.error(
-        frames_of({"id": "never-sent", "key": None}, kind="fetch"), "KeyError", "never-sent"
+        frames_of({"id": "never-sent", "key": None}, kind="fetch"), "UnknownRequest", "never-sent"
     )
 
 
@@ -463,7 +463,7 @@ def test_results_expire(make_service, local_llama, still_serves):
     time.sleep(0.3)
     reply = peer.error(
         frames_of({"id": body["id"], "key": None}, kind="fetch"),
-        "KeyError",
+        "UnknownRequest",
         f"no request {body['id']!r} is running or kept",
         "kept 0.2 s",
     )
@@ -480,7 +480,7 @@ def test_kept_results_are_bounded(make_service, local_llama):
         peer.send(frames_of(body))
         assert peer.answer().kind == "result"
         ids.append(body["id"])
-    peer.error(frames_of({"id": ids[0], "key": None}, kind="fetch"), "KeyError")
+    peer.error(frames_of({"id": ids[0], "key": None}, kind="fetch"), "UnknownRequest")
     for kept in ids[1:]:
         peer.send(frames_of({"id": kept, "key": None}, kind="fetch"))
         assert peer.answer().kind == "result"

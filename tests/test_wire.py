@@ -12,20 +12,12 @@ import pytest
 import torch
 import zmq
 
-from lazytensor import wire
-from lazytensor.errors import ProtocolError
-from lazytensor.graph import EVERY_CALL, Const, Graph, Ref
-from lazytensor.wire import (
-    MAGIC,
-    PROTOCOL_VERSION,
-    Limits,
-    Message,
-    Record,
-    decode,
-    decode_graph,
-    encode,
-    encode_graph,
-)
+from lazytensor.core.errors import ProtocolError
+from lazytensor.core.graph import EVERY_CALL, Const, Graph, Ref
+from lazytensor.protocol.codec import Limits, Message, decode, encode
+from lazytensor.protocol.messages import decode_graph, encode_graph
+from lazytensor.protocol.values import MAGIC, PROTOCOL_VERSION, Record
+from wire import wire
 
 
 def roundtrip(value, **kwargs):

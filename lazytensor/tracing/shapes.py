@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import TraceError, at_site
+from ..core.errors import TraceError, at_site
+from ..runtime import fake
+from ..runtime.evaluate import evaluate
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -32,7 +34,7 @@ class Shapes:
                 self.fake[i] = self._propagate(i)
             else:
                 trace = self.trace
-                self.fake.update(trace._run(trace.graph.prefix(i), None, fake_mode=self.mode()))
+                self.fake.update(trace._run(trace.graph.prefix(i), fake_mode=self.mode()))
         if i not in self.fake:
             raise TraceError(
                 f"the shape of the value at {self.trace.graph.sites[i]} cannot be known inside "
@@ -44,9 +46,7 @@ class Shapes:
 
     def mode(self) -> Any:
         if self._mode is None:
-            from torch._subclasses.fake_tensor import FakeTensorMode
-
-            self._mode = FakeTensorMode(allow_non_fake_inputs=True)
+            self._mode = fake.mode()
         return self._mode
 
     def _alone(self, i: int) -> bool:
@@ -57,15 +57,11 @@ class Shapes:
         )
 
     def _propagate(self, i: int) -> Any:
-        from .executor import Batch, Executor
-
+        """Node ``i``'s fake value from its inputs' (no plan, no pass through the model)."""
         trace = self.trace
-        executor = Executor(trace.model._module, trace.graph, Batch(), fake_mode=self.mode())
-        for d, value in self.fake.items():
-            executor.values[d] = value
-        node = trace.graph.nodes[i]
+        node, mode = trace.graph.nodes[i], self.mode()
         try:
-            with trace._paused(), self.mode():
-                return getattr(executor, node.op)(node)
+            with trace._paused(), mode:
+                return evaluate(node, self.fake, trace.graph.constants, fake_mode=mode)
         except Exception as exc:
             raise at_site(exc, trace.graph.sites[i]) from exc

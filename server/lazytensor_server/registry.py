@@ -7,8 +7,6 @@ from typing import Any
 
 import torch
 
-from lazytensor.spec import describe, parameter_count
-
 
 @dataclass
 class ServedModel:
@@ -57,6 +55,20 @@ class ServedModel:
         base = name.rstrip("/").rsplit("/", 1)[-1]
         own = self.source.rstrip("/").rsplit("/", 1)[-1] if self.source else None
         return name in (self.name, self.source) or base in (self.name, own)
+
+
+def describe(module: torch.nn.Module) -> dict:
+    """The module tree of ``module`` as plain data (no tensors, no code)."""
+    return {
+        "cls": type(module).__name__,
+        "children": {
+            name: describe(child) for name, child in module._modules.items() if child is not None
+        },
+    }
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def load(

@@ -12,8 +12,11 @@ A node that cannot run when its moment passes (it needs a value the forward comp
 or whose moment never comes (a module never called, an iteration that never happened), is a
 :class:`~lazytensor.errors.NodeFailure` naming that node; replay never skips work silently.
 
-The op vocabulary of :mod:`lazytensor.graph` is this class's method names: replaying a node
-is ``getattr(self, node.op)(node)``. The executor never imports the recorder.
+The op vocabulary of :mod:`lazytensor.core.graph` is this class's method names: replaying a
+node is ``getattr(self, node.op)(node)``. What the executor knows of a graph's shape comes from
+its :class:`~lazytensor.runtime.plan.Plan`, computed once per graph structure. Compute ops
+outside a forward pass (shape propagation, values after a trace) use :func:`evaluate`, which
+needs no plan. The executor never imports the recorder.
 """
 
 from __future__ import annotations
@@ -22,35 +25,21 @@ import contextlib
 import heapq
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import ops, rows
-from .errors import GraphError, NodeFailure, OpNotAllowedError
-from .graph import EVERY_CALL, Const, Graph, Node, Ref
+from ..core.errors import GraphError, NodeFailure
+from ..core.graph import EVERY_CALL, Batch, Graph, Node, Ref
+from . import fake, rows
+from .evaluate import call_function, call_method, call_python, read_attribute, resolve
+from .plan import PRE, RESULT, Plan
 
-_PRE, _POST, _RESULT = "pre", "post", "result"
-_KIND = {"input": _PRE, "inputs": _PRE, "set_input": _PRE, "set_inputs": _PRE,
-         "output": _POST, "set_output": _POST, "result": _RESULT}  # fmt: skip
-_RESULT_KEY = ("", _RESULT)
-_READS = frozenset(("input", "inputs", "output", "result"))
-_SCALARS = frozenset((int, float, bool, str, type(None)))
+_RESULT_KEY = ("", RESULT)
 
 #: The executor running in this thread/context. Hooks live on the shared module, so a hook
 #: must ignore forward passes that another thread runs on the same model at the same time.
 _running: ContextVar[Executor | None] = ContextVar("lazytensor_executor", default=None)
-
-
-@dataclass
-class Batch:
-    """What the model is run on: ``model(*args, **kwargs)`` or ``model.generate(...)``."""
-
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    size: int = 1
-    generate: bool = False
 
 
 class _Stop(Exception):
@@ -88,11 +77,14 @@ class Executor:
         self.model, self.graph, self.batch = model, graph, batch
         self.deadline = deadline
         self.stop_at, self.fake_mode, self.trusted = stop_at, fake_mode, trusted
-        nodes = graph.nodes
-        self._plan(nodes)
+        plan = self.plan = Plan.of(graph)
+        n = len(graph.nodes)
+        self.deps, self.users, self.points = plan.deps, plan.users, plan.points
+        self.key_of, self.home = plan.key_of, plan.home
+        self.repeating, self.mutating = plan.repeating, plan.mutating
         self.keep = set(graph.saved) | ({stop_at} if stop_at is not None else set())
-        self.values: list[Any] = [None] * len(nodes)
-        self.done = [False] * len(nodes)
+        self.values: list[Any] = [None] * n
+        self.done = [False] * n
         self.waiting = [len(d) for d in self.deps]
         self.pending_users = [len(u) for u in self.users]
         self.ran_at: dict[int, tuple] = {}
@@ -102,45 +94,7 @@ class Executor:
         self.current: Any = None
         self.replaced = False
         self.suspended = 0
-
-    # -- planning -------------------------------------------------------------------------
-    def _plan(self, nodes: list[Node]) -> None:
-        """One pass over the graph (recording order is a topological order).
-
-        ``deps``/``users``: the data flow. ``points``/``key_of``: which hook point each point
-        node waits for. ``home``: the point read whose memory a node aliases (for the check
-        that in-place writes happen while that module runs). ``repeating``: nodes that run
-        again at every call (downstream of ``tracer.all()``). ``mutating``: in-place nodes.
-        """
-        n = len(nodes)
-        self.deps: list[tuple[int, ...]] = [()] * n
-        self.users: list[list[int]] = [[] for _ in range(n)]
-        self.points: dict[tuple[str, str], list[int]] = {}
-        self.key_of: dict[int, tuple[str, str]] = {}
-        self.home: list[int | None] = [None] * n
-        self.repeating: set[int] = set()
-        self.mutating: set[int] = set()
-        for node in nodes:
-            i, op = node.id, node.op
-            deps = self.deps[i] = node.deps()
-            for d in deps:
-                self.users[d].append(i)
-            if op in _KIND:
-                key = self.key_of[i] = (node.target, _KIND[op])
-                self.points.setdefault(key, []).append(i)
-                if node.call == EVERY_CALL:
-                    self.repeating.add(i)
-                if op in _READS:
-                    self.home[i] = i
-                continue
-            mutation = ops.is_mutation(op, node.target)
-            if mutation:
-                self.mutating.add(i)
-            if mutation or ops.is_view(op, node.target):
-                first = node.args[0] if node.args else None
-                self.home[i] = self.home[first.id] if isinstance(first, Ref) else None
-            if self.repeating and any(d in self.repeating for d in deps):
-                self.repeating.add(i)
+        self.modules: dict[str, torch.nn.Module] = {}
 
     def _module(self, path: str, node: int) -> torch.nn.Module:
         try:
@@ -152,11 +106,11 @@ class Executor:
     def run(self) -> dict[int, Any]:
         """Run the model with the graph inside it; return the saved (or, fake: all) values."""
         handles = self._install()
-        fake = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
+        mode = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
         token = _running.set(self)
         try:
-            with torch.no_grad(), fake:
-                runs = self._fake_runs() if self.fake_mode is not None else [self.batch]
+            with torch.no_grad(), mode:
+                runs = fake.runs(self.batch, self.fake_mode) if self.fake_mode else [self.batch]
                 try:
                     self._schedule(
                         i for i, w in enumerate(self.waiting) if w == 0 and i not in self.key_of
@@ -165,14 +119,14 @@ class Executor:
                     for batch in runs:
                         self.current = self._call_model(batch)
                     if self.fake_mode is not None and self.batch.generate:
-                        self.current = self._fake_tokens(runs[0])
+                        self.current = fake.tokens(runs[0], self.batch)
                     self._fire(_RESULT_KEY)
                 except _Stop:
                     return {self.stop_at: self.values[self.stop_at]}
                 except Exception as exc:
                     # A shape-only pass cannot go past the model's own data-dependent op
                     # (``x[mask]``, ``if x.sum() > 0``): it returns what ran before it.
-                    if self.fake_mode is None or not _is_data_dependent(exc):
+                    if self.fake_mode is None or not fake.is_data_dependent(exc):
                         raise
         finally:
             _running.reset(token)
@@ -188,40 +142,21 @@ class Executor:
         try:
             for key, ids in self.points.items():
                 path, kind = key
-                if kind == _RESULT:
+                if kind == RESULT:
                     continue
                 module = self._module(path, ids[0])
-                if kind == _PRE:
+                if kind == PRE:
                     hook = module.register_forward_pre_hook(self._pre_hook(key), with_kwargs=True)
                 else:
                     hook = module.register_forward_hook(self._post_hook(key))
                 handles.append(hook)
-            self.modules = {
-                n.target: self._module(n.target, n.id) for n in self.graph.nodes if n.op == "module"
-            }
+            first = {n.target: n.id for n in reversed(self.graph.nodes) if n.op == "module"}
+            self.modules = {path: self._module(path, first[path]) for path in self.plan.modules}
         except BaseException:
             for handle in handles:
                 handle.remove()
             raise
         return handles
-
-    def _fake_runs(self) -> list[Batch]:
-        """Shape-only forwards: one; for ``generate``, the prompt step then a decoding step."""
-        mode, b = self.fake_mode, self.batch
-        convert = lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        args = tuple(convert(a) for a in b.args)
-        kwargs = {k: convert(v) for k, v in b.kwargs.items()}
-        if not b.generate:
-            return [Batch(args, kwargs, b.size)]
-        prompt = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-        step = {"input_ids": prompt["input_ids"][:, -1:]} if "input_ids" in prompt else prompt
-        return [Batch(args, prompt, b.size), Batch(args, step, b.size)]
-
-    def _fake_tokens(self, prompt: Batch) -> Any:
-        """A fake of what ``generate`` returns: the prompt plus ``max_new_tokens`` ids."""
-        ids = prompt.kwargs["input_ids"]  # (B, T)
-        steps = int(self.batch.kwargs.get("max_new_tokens", 1))
-        return ids.new_empty(ids.shape[0], ids.shape[1] + steps)
 
     def _check_time(self, *_: Any) -> bool:
         if time.monotonic() > self.deadline:
@@ -316,7 +251,7 @@ class Executor:
         except (_Stop, NodeFailure):
             raise
         except Exception as exc:
-            if self.fake_mode is not None and _is_data_dependent(exc):
+            if self.fake_mode is not None and fake.is_data_dependent(exc):
                 raise NodeFailure(
                     i,
                     exc,
@@ -368,25 +303,7 @@ class Executor:
 
     # -- argument resolution ---------------------------------------------------------------
     def _value(self, arg: Any) -> Any:
-        kind = type(arg)
-        if kind is Ref:
-            return self.values[arg.id]
-        if kind in _SCALARS:
-            return arg
-        if kind is tuple:
-            return tuple([self._value(a) for a in arg])
-        if kind is Const:
-            value = self.graph.constants[arg.index]
-            if self.fake_mode is not None and isinstance(value, torch.Tensor):
-                value = self.fake_mode.from_tensor(value)
-            return value
-        if isinstance(arg, (tuple, list)):
-            return type(arg)(self._value(a) for a in arg)
-        if isinstance(arg, dict):
-            return {k: self._value(v) for k, v in arg.items()}
-        if isinstance(arg, slice):
-            return slice(self._value(arg.start), self._value(arg.stop), self._value(arg.step))
-        return arg
+        return resolve(arg, self.values, self.graph.constants, self.fake_mode)
 
     def _args(self, node: Node) -> tuple[tuple, dict]:
         values, value = self.values, self._value
@@ -445,42 +362,19 @@ class Executor:
     def function(self, node: Node) -> Any:
         if node.id in self.mutating:
             self._check_write(node)
-        args, kwargs = self._args(node)
-        return ops.resolve_function(node.target)(*args, **kwargs)
+        return call_function(node, *self._args(node))
 
     def method(self, node: Node) -> Any:
         if node.id in self.mutating:
             self._check_write(node)
-        (obj, *args), kwargs = self._args(node)
-        if not isinstance(obj, torch.Tensor):
-            raise TypeError(
-                f".{node.target}() was called on a {type(obj).__name__}; in a trace, methods "
-                "can be called on tensors only"
-            )
-        return getattr(obj, ops.check_method(node.target))(*args, **kwargs)
+        return call_method(node, *self._args(node))
 
     def getattr(self, node: Node) -> Any:
-        obj, name = self._value(node.args[0]), ops.check_attribute(node.target)
-        if not _readable(obj, name):
-            raise AttributeError(
-                f"{type(obj).__name__} has no attribute {name!r} that a trace may read: "
-                "tensors expose shape/dtype/T-like attributes, model outputs their fields, "
-                "named tuples their names"
-            )
-        return getattr(obj, name)
+        return read_attribute(node, self._value(node.args[0]))
 
     def python(self, node: Node) -> Any:
         """A user's function, shipped as cloudpickle bytes: trusted runs only."""
-        if not self.trusted:
-            raise OpNotAllowedError(
-                f"user-defined Python function {node.target!r} refused: this server runs only "
-                "allow-listed ops; its operator must start it with --trusted-clients"
-            )
-        import cloudpickle
-
-        payload, *args = self._value(node.args)
-        fn = cloudpickle.loads(payload)  # trusted-only by the check above
-        return fn(*args, **self._value(node.kwargs))
+        return call_python(node, *self._args(node), trusted=self.trusted)
 
     def module(self, node: Node) -> Any:
         args, kwargs = self._args(node)
@@ -491,25 +385,9 @@ class Executor:
             self.suspended -= 1
 
 
-def _readable(obj: Any, name: str) -> bool:
-    """The attribute reads a graph may do: data fields, never an object's internals."""
-    if isinstance(obj, torch.Tensor):
-        return name in ops.TENSOR_ATTRIBUTES
-    if isinstance(obj, dict):  # transformers' ModelOutput, lazytensor.wire.Record
-        return name in obj or name in getattr(type(obj), "__dataclass_fields__", ())
-    if isinstance(obj, tuple):  # namedtuples, torch.return_types
-        return name in getattr(type(obj), "__match_args__", ())
-    return False
-
-
 def _describe(node: Node) -> str:
     where = node.target or "the model"
     kind = {"set_input": "input", "set_inputs": "inputs", "set_output": "output"}.get(
         node.op, node.op
     )
     return f"{where}.{kind}" if node.op != "result" else "the run's result"
-
-
-def _is_data_dependent(exc: Exception) -> bool:
-    name = type(exc).__name__
-    return "DataDependent" in name or "DynamicOutputShape" in name

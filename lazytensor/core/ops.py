@@ -7,6 +7,12 @@ no ``torch.load``/``torch.save``/``torch.from_file``, no storage or pointer acce
 ``torch.hub`` or ``torch.distributed``, no ``setattr``, no lookup by reflection on a name the
 peer chose. Adding an op is one line in a list below and one test.
 
+Each allowed op also has *facts* (:func:`facts`): whether it writes into its first argument
+(``x.add_(1)``, ``x[i] = v``) and whether its result shares memory with its first argument (a
+view such as ``x.transpose(0, 1)`` or ``x[:, -1]``). The executor uses them to check that an
+in-place write lands while its module still runs; a test checks them against ATen's schema
+annotations.
+
 The recorder uses the reverse direction: :func:`function_name` maps a callable that reached
 ``__torch_function__`` back to its allow-listed name, or raises :class:`OpNotAllowedError`.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import OpNotAllowedError
@@ -94,12 +101,33 @@ FACTORIES = frozenset(
     tensor tril_indices triu_indices zeros""".split()
 )
 
-#: Methods/functions whose result is a view of (aliases) their first argument.
-VIEWS = frozenset(
-    """getitem operator.getitem view view_as reshape reshape_as transpose permute narrow select
-    unsqueeze squeeze expand expand_as t flatten unflatten split chunk unbind diagonal movedim
-    moveaxis swapaxes swapdims detach contiguous to unfold T mT H mH real imag""".split()
+#: Names (without a ``torch.`` prefix) whose result may share memory with their first
+#: argument: views, and ops that return their input itself when nothing needs to change
+#: (``contiguous``, ``to``, ``reshape``, ``detach``). Attribute reads ``T``/``mT``/``H``/``mH``/
+#: ``real``/``imag`` are views too.
+ALIASING = frozenset(
+    """getitem view view_as reshape reshape_as transpose permute narrow select unsqueeze
+    squeeze expand expand_as t flatten unflatten split chunk unbind diagonal movedim moveaxis
+    swapaxes swapdims detach contiguous to unfold T mT H mH real imag tensor_split hsplit vsplit
+    dsplit view_as_real view_as_complex ravel broadcast_to as_strided type_as resolve_conj
+    resolve_neg positive cpu cuda float double half bfloat16 int long short bool byte char
+    diagonal""".split()
 )
+
+#: Function names (fully qualified) that write into their first argument.
+_WRITING_FUNCTIONS = frozenset(("operator.setitem",))
+
+
+@dataclass(frozen=True, slots=True)
+class OpFacts:
+    """What an op does to its first argument's memory."""
+
+    writes: bool = False  # it writes into its first argument (in place)
+    aliases: bool = False  # its result may share memory with its first argument
+
+
+_PLAIN = OpFacts()
+
 
 #: Python operator dunders of ``torch.Tensor`` and the allow-listed function they mean.
 #: Reflected forms (``__radd__``) swap their two arguments.
@@ -212,12 +240,30 @@ def check_attribute(name: str) -> str:
     return name
 
 
-def is_mutation(op: str, target: str) -> bool:
-    """Whether a compute node writes into its first argument."""
+@functools.cache
+def facts(op: str, target: str) -> OpFacts:
+    """The :class:`OpFacts` of a compute node (``op`` is ``function``, ``method``...).
+
+    >>> facts("method", "add_"), facts("function", "operator.and_").writes
+    (OpFacts(writes=True, aliases=True), False)
+    >>> facts("function", "torch.transpose").aliases
+    True
+    """
     if op == "function":
-        return target == "operator.setitem" or target.endswith("_")
-    return op == "method" and target.endswith("_") and not target.endswith("__")
+        bare = target.rpartition(".")[2]
+        if target in _WRITING_FUNCTIONS:
+            return OpFacts(writes=True, aliases=True)
+        return OpFacts(aliases=True) if bare in ALIASING else _PLAIN
+    if op == "method":
+        if target in _in_place_methods():
+            return OpFacts(writes=True, aliases=True)
+        return OpFacts(aliases=True) if target in ALIASING else _PLAIN
+    if op == "getattr":
+        return OpFacts(aliases=True) if target in ALIASING else _PLAIN
+    return _PLAIN
 
 
-def is_view(op: str, target: str) -> bool:
-    return op in ("function", "method", "getattr") and target in VIEWS
+@functools.cache
+def _in_place_methods() -> frozenset[str]:
+    """Allowed tensor methods that write into the tensor: ATen's ``name_`` convention."""
+    return frozenset(n for n in _methods() if n.endswith("_") and not n.endswith("__"))

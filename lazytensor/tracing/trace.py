@@ -1,13 +1,20 @@
-"""Trace: the ``with model.trace(...)`` block that records an intervention graph and runs it.
+"""Trace: the ``with model.trace(...)`` block, a state machine over a backend.
 
 A trace is RECORDING while its block runs: envoys and proxies ask it to add nodes to its
-:class:`~lazytensor.graph.Graph`, each tagged with the user's ``file:line``. It is also where
-policy lives: what a proxy's ``bool()``/``.item()``/``print`` do (a *materialization*: run
-the graph recorded so far, stop the forward once the value exists, and go on recording), how
-``.shape`` is answered without running the model (fake-tensor propagation), which batch rows
-an invoke sees and which call of a module an iteration step means. At the end of the block
-the whole graph runs once, locally or remotely, and the trace becomes DONE (or FAILED);
-saved proxies then answer with their real values.
+:class:`~lazytensor.core.graph.Graph`, each tagged with the user's ``file:line``. It is also where
+policy lives: what a proxy's ``bool()``/``.item()``/``print`` do (a *materialization*: run the
+graph recorded so far, stop the forward once the value exists, and go on recording), how
+``.shape`` is answered without running the model (:mod:`.shapes`), which batch rows an invoke
+sees and which call of a module an iteration step means. At the end of the block the whole
+graph goes to the trace's :class:`~lazytensor.backends.base.Backend` once; the trace becomes
+DONE (or FAILED), or SUBMITTED for ``blocking=False``, and saved proxies then answer with their
+real values::
+
+    RECORDING --block ends--> DONE | FAILED
+    RECORDING --block ends, blocking=False--> SUBMITTED --result()--> DONE | FAILED
+
+A trace knows nothing of models: it gets its inputs adapter (what an invoke's inputs become, how
+invokes join into a batch) and its backend from whoever opens it.
 
 Tracing state is per thread and per context (:mod:`contextvars`); importing lazytensor
 patches nothing, and the torch-function mode that captures factory calls such as
@@ -21,21 +28,21 @@ import enum
 import logging
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from . import ops
-from .errors import NodeFailure, StrictModeError, TraceError, at_site
-from .graph import EVERY_CALL, Graph, Ref
+from ..backends.base import Backend, Job, JobState, RunRequest
+from ..core import ops, tree
+from ..core.errors import NodeFailure, StrictModeError, TraceError, at_site
+from ..core.graph import EVERY_CALL, Batch, Graph
+from ..core.site import Site
+from ..core.site import here as _site
+from ..runtime.evaluate import evaluate
+from .args import to_graph, to_values
 from .proxy import Proxy
+from .recorder import Recorder, record_torch
 from .shapes import Shapes
-from .site import Site
-from .site import here as _site
-
-if TYPE_CHECKING:
-    from .model import Model
 
 log = logging.getLogger("lazytensor")
 
@@ -44,9 +51,6 @@ _META_ATTRIBUTES = frozenset(("shape", "dtype", "device", "ndim", "is_cuda", "la
 _META_METHODS = frozenset(("size", "dim", "numel", "ndimension", "nelement", "element_size",
                            "is_floating_point", "is_contiguous"))  # fmt: skip
 _VALUE_METHODS = frozenset(("item", "tolist", "numpy"))
-_SCALARS = frozenset((int, float, bool, str, type(None)))
-_PLAIN = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), torch.dtype,
-          torch.device)  # fmt: skip
 
 
 class State(enum.Enum):
@@ -56,61 +60,71 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
+class Inputs(Protocol):
+    """What a trace asks of a model about inputs (see :mod:`lazytensor.frontend.inputs`)."""
+
+    def prepare(self, args: tuple, kwargs: dict) -> Any:
+        """One invoke's inputs as a part with a ``size`` (its number of batch rows)."""
+
+    def batch(self, parts: list, *, generate: bool, options: dict) -> Batch:
+        """The parts of every invoke joined into the inputs of one run."""
+
+
 def current() -> Trace | None:
     """The trace being recorded in this thread/context, if any."""
     return _current.get()
 
 
 class Trace:
-    """One ``with`` block: records a graph, then runs it on the model.
+    """One ``with`` block: records a graph, then runs it on its backend.
 
     Created by :meth:`lazytensor.Model.trace` / :meth:`lazytensor.LanguageModel.generate`;
-    not constructed directly.
+    not constructed directly. ``root`` is the envoy whose model the trace is of.
     """
 
     def __init__(
         self,
-        model: Model,
-        inputs: tuple[tuple, dict] | None,
+        root: Any,
+        inputs: Inputs,
+        backend: Backend,
+        first: tuple[tuple, dict] | None = None,
         *,
         generate: bool = False,
         options: dict | None = None,
         strict: bool = False,
-        remote: Any = False,
         blocking: bool = True,
         lazy: bool = False,
     ) -> None:
-        self.model = model
+        self.root, self.inputs, self.backend = root, inputs, backend
         self.blocking = blocking
         self.lazy = lazy  # recorded outside a block, run when a value is needed
-        self.job: Any = None
+        self.job: Job | None = None
         self.graph = Graph()
         self.state = State.RECORDING
         self.generate = generate
         self.options = options or {}
         self.strict = strict
-        self.remote = remote
         self.parts: list[Any] = []
         self.size = 0
         self.rows: tuple[int, int] | None = None
         self.call = 0
         self.values: dict[int, Any] = {}
         self.synced: dict[int, Any] = {}
-        self._refs: list[int] = []  # refs met by _arg while recording one node
         self.shapes: Shapes | None = None  # fake values, made at the first shape query
         self._warned: set[Site | None] = set()
         self._in_invoke = False
+        self._cancelled = False
         self._token: Any = None
-        self._mode: _Recorder | None = None
-        if inputs is not None:
-            self._add_part(*inputs)
+        self._mode: Recorder | None = None
+        if first is not None:
+            self._add_part(*first)
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> Trace:
         if self.state is not State.RECORDING or self._token is not None:
             raise TraceError(f"a trace can be entered once; this one is {self.state.value}")
         self._token = _current.set(self)
-        self._mode = _Recorder(self)
+        self._mode = Recorder(self)
         self._mode.__enter__()
         return self
 
@@ -121,29 +135,50 @@ class Trace:
         if exc_type is not None:
             self.state = State.FAILED
             return False
+        if not self.blocking:
+            self._submit()
+            return False
         try:
-            if not self.blocking:
-                self.job = self.model._submit(self.graph, self._batch(), self.remote)
-                self.state = State.SUBMITTED
-                return False
-            self.values = self._run(self.graph, stop_at=None)
+            self.values = self._run(self.graph)
         except BaseException:
             self.state = State.FAILED
             raise
         self._finish()
         return False
 
+    def is_current(self) -> bool:
+        return _current.get() is self
+
     def _finish(self) -> None:
         self.state = State.DONE
         self.synced.clear()
         self.shapes = None
 
-    def status(self) -> str:
-        """For ``blocking=False``: the server's state of this job (``queued``, ``running``...)."""
+    def _submit(self) -> None:
+        try:
+            self.job = self.backend.submit(RunRequest(self.graph, self._batch()))
+        except BaseException:
+            self.state = State.FAILED
+            raise
+        self.state = State.SUBMITTED
+
+    # -- as a job (blocking=False) -----------------------------------------------------------
+    def status(self) -> JobState | str:
+        """For ``blocking=False``: the job's state (``queued``, ``running``, ``completed``...)."""
         self._submit_unentered()
-        if self.job is None:
+        if self.job is None or self.state is not State.SUBMITTED:
             return self.state.value
-        return self.job.status() if self.state is State.SUBMITTED else self.state.value
+        return self.job.status()
+
+    def cancel(self) -> bool:
+        """For ``blocking=False``: drop the job if it has not started; whether it was dropped."""
+        self._submit_unentered()
+        if self.job is None or self.state is not State.SUBMITTED:
+            return False
+        cancelled = self.job.cancel()
+        if cancelled:
+            self.state, self._cancelled = State.FAILED, True
+        return cancelled
 
     def _submit_unentered(self) -> None:
         """``job = model.trace(x, remote=..., blocking=False)`` used without a ``with`` block:
@@ -152,23 +187,23 @@ class Trace:
         if fresh and not self.blocking and self.parts:
             if not self.graph.nodes:
                 self.save(self.read("", "output"))
-            self.job = self.model._submit(self.graph, self._batch(), self.remote)
-            self.state = State.SUBMITTED
+            self._submit()
 
-    def _wait(self) -> list[Any]:
+    def _wait(self, timeout: float | None = None) -> list[Any]:
         """For ``blocking=False``: wait for the job; returns the saved values in save order.
 
         Saved proxies also answer with their values from then on.
         """
         self._submit_unentered()
+        if self.state is State.FAILED:
+            what = "was cancelled" if self._cancelled else "failed"
+            raise TraceError(f"this trace's job {what}, so it has no values")
         if self.state is State.SUBMITTED:
             try:
-                self.values = self.job.result()
+                self.values = self.job.result(timeout)
             except NodeFailure as failure:
                 self.state = State.FAILED
-                raise at_site(
-                    failure.error, self.graph.sites[failure.node], failure.hint
-                ) from failure.error
+                raise self._at_site(failure) from failure.error
             except BaseException:
                 self.state = State.FAILED
                 raise
@@ -200,7 +235,7 @@ class Trace:
 
     def _add_part(self, args: tuple, kwargs: dict) -> tuple[int, int]:
         args, kwargs = self._concrete(args), self._concrete(kwargs)
-        part = self.model._prepare(args, kwargs)
+        part = self.inputs.prepare(args, kwargs)
         start = self.size
         self.size += part.size
         self.parts.append(part)
@@ -211,31 +246,26 @@ class Trace:
 
         An input may use factories and ops on constants, not values from the model.
         """
-        if isinstance(value, (tuple, list)):
-            return type(value)(self._concrete(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self._concrete(v) for k, v in value.items()}
-        if not isinstance(value, Proxy) or value._trace is not self:
+        proxies = [v for v in _flat(value) if isinstance(v, Proxy) and v._trace is self]
+        if not proxies:
             return value
-        from .executor import Batch, Executor
-
-        wanted, stack = set(), [value._node]
+        wanted, stack = set(), [p._node for p in proxies]
         while stack:
             i = stack.pop()
             if i not in wanted:
                 wanted.add(i)
                 stack.extend(self.graph.nodes[i].refs())
-        if any(self.graph.nodes[i].is_point or self.graph.nodes[i].op == "module" for i in wanted):
+        nodes = self.graph.nodes
+        if any(nodes[i].is_point or nodes[i].op == "module" for i in wanted):
             raise TraceError(
                 f"an invoke's input at {_site()} uses a value from the model; "
                 "inputs must be known before the forward pass"
             )
-        ex = Executor(self.model._module, self.graph, Batch())
+        values: dict[int, Any] = {}
         with self._paused():
             for i in sorted(wanted):
-                node = self.graph.nodes[i]
-                ex.values[i] = getattr(ex, node.op)(node)
-        return ex.values[value._node]
+                values[i] = evaluate(nodes[i], values, self.graph.constants)
+        return _replace_proxies(value, lambda p: values[p._node] if p._trace is self else p)
 
     @contextlib.contextmanager
     def all(self) -> Iterator[None]:
@@ -270,44 +300,35 @@ class Trace:
 
     def write(self, path: str, op: str, value: Any) -> None:
         self._check_recording()
-        self._refs = []
-        self.graph.add(op, path, (self._arg(value),), call=self.call, rows=self.rows, site=_site())
+        arg = to_graph(value, self, [])
+        self.graph.add(op, path, (arg,), call=self.call, rows=self.rows, site=_site())
 
     def apply(self, op: str, target: str, args: tuple, kwargs: dict | None = None) -> Any:
         """Record ``op`` (or, after the block, compute it on the real values)."""
         if self.state is State.DONE:
-            return _eager(op, target, _unwrap(args), _unwrap(kwargs or {}))
+            return _eager(op, target, to_values(args), to_values(kwargs or {}))
         self._check_recording()
         if op == "function":
             ops.resolve_function(target)
         elif op == "method":
             ops.check_method(target)
-        refs = self._refs = []
-        node = self.graph.add(
-            op, target, self._arg(args), self._arg(kwargs) if kwargs else {}, site=_site()
-        )
-        node._deps = tuple(sorted(set(refs)))  # collected by _arg: no second walk
+        refs: list[int] = []
+        graph_args = to_graph(args, self, refs)
+        graph_kwargs = to_graph(kwargs, self, refs) if kwargs else {}
+        node = self.graph.add(op, target, graph_args, graph_kwargs, site=_site())
+        node._deps = tuple(sorted(set(refs)))  # collected while converting: no second walk
         return Proxy(self, node.id)
 
     def apply_torch(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """Record a call that reached ``__torch_function__``."""
         if self.state is State.DONE:
-            return func(*_unwrap(args), **_unwrap(kwargs))
-        name = getattr(func, "__name__", "")
-        if name in ops.DUNDERS and getattr(torch.Tensor, name, None) is func:
-            return self.apply("function", ops.DUNDERS[name], args, kwargs)
-        if name in ops.REFLECTED and getattr(torch.Tensor, name, None) is func:
-            return self.apply("function", ops.REFLECTED[name], args[::-1], kwargs)
-        if name in ops.INPLACE and getattr(torch.Tensor, name, None) is func:
-            return self.apply("method", ops.INPLACE[name], args, kwargs)
-        if getattr(torch.Tensor, name, None) is func and ops.is_method(name):
-            return self.apply("method", name, args, kwargs)
-        return self.apply("function", ops.function_name(func), args, kwargs)
+            return func(*to_values(args), **to_values(kwargs))
+        return record_torch(self, func, args, kwargs)
 
     def apply_python(self, fn: Any, args: tuple, kwargs: dict) -> Any:
         """Record a call of the user's own function (see :func:`lazytensor.apply`)."""
         if self.state is State.DONE:
-            return fn(*_unwrap(args), **_unwrap(kwargs))
+            return fn(*to_values(args), **to_values(kwargs))
         import cloudpickle
 
         name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
@@ -319,47 +340,11 @@ class Trace:
         if self.state is State.RECORDING:
             self.graph.save(proxy._node)
 
-    def _arg(self, value: Any) -> Any:
-        """Turn a user value into graph data: proxies become refs, tensors constants."""
-        kind = type(value)
-        if kind in _SCALARS:
-            return value
-        if kind is tuple:
-            return tuple([self._arg(v) for v in value])
-        if isinstance(value, Proxy):
-            if value._trace is self:
-                self._refs.append(value._node)
-                return Ref(value._node)
-            return self._arg(value._trace.value_of(value))
-        if isinstance(value, _PLAIN):
-            return value
-        if isinstance(value, torch.Tensor):
-            return self.graph.constant(value)
-        if isinstance(value, torch.Size):
-            return tuple(value)
-        if isinstance(value, tuple):  # a namedtuple travels as a plain tuple
-            return tuple(self._arg(v) for v in value)
-        if isinstance(value, list):
-            return [self._arg(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self._arg(v) for k, v in value.items()}
-        if isinstance(value, slice):
-            return slice(self._arg(value.start), self._arg(value.stop), self._arg(value.step))
-        if isinstance(value, range):
-            return list(value)
-        raise TraceError(
-            f"a {type(value).__name__} cannot be used inside a trace at {_site()}: a graph "
-            "holds only tensors, numbers, strings, slices, dtypes, devices and containers of "
-            "them; compute with it outside the trace or pass a tensor instead"
-        )
-
     # -- policy: attributes, materialization, shapes ------------------------------------------
     def attribute(self, proxy: Proxy, name: str) -> Any:
         if self.state is not State.RECORDING:  # DONE answers; FAILED raises
             return getattr(self.value_of(proxy), name)
-        if name in _META_ATTRIBUTES:
-            return getattr(self.meta(proxy), name)
-        if name in _META_METHODS:
+        if name in _META_ATTRIBUTES or name in _META_METHODS:
             return getattr(self.meta(proxy), name)
         if name in _VALUE_METHODS:
             return lambda *a, **k: self.materialize(proxy, lambda v: getattr(v, name)(*a, **k))
@@ -434,25 +419,25 @@ class Trace:
         return self.shapes.of(proxy._node)
 
     # -- running --------------------------------------------------------------------------
-    def _batch(self) -> Any:
+    def _batch(self) -> Batch:
         if not self.parts:
             raise TraceError(
                 "this trace has no inputs: pass them to .trace(...) or to an "
                 "invoke, e.g. `with tracer.invoke(prompt):`"
             )
-        return self.model._batch(self.parts, generate=self.generate, options=self.options)
+        return self.inputs.batch(self.parts, generate=self.generate, options=self.options)
 
-    def _run(self, graph: Graph, stop_at: int | None, fake_mode: Any = None) -> dict[int, Any]:
-        """Run ``graph`` on the model (shape-only under ``fake_mode``), recording paused."""
+    def _run(self, graph: Graph, stop_at: int | None = None, fake_mode: Any = None) -> dict:
+        """Run ``graph`` on the backend (shape-only under ``fake_mode``), recording paused."""
         try:
             with self._paused():
-                return self.model._execute(
-                    graph, self._batch(), stop_at=stop_at, fake_mode=fake_mode, remote=self.remote
-                )
+                request = RunRequest(graph, self._batch(), stop_at, fake_mode)
+                return self.backend.run(request)
         except NodeFailure as failure:
-            raise at_site(
-                failure.error, self.graph.sites[failure.node], failure.hint
-            ) from failure.error
+            raise self._at_site(failure) from failure.error
+
+    def _at_site(self, failure: NodeFailure) -> BaseException:
+        return at_site(failure.error, self.graph.sites[failure.node], failure.hint)
 
     @contextlib.contextmanager
     def _paused(self) -> Iterator[None]:
@@ -462,17 +447,14 @@ class Trace:
         """
         token = _current.set(None)
         mode = self._mode
-        if mode is None:  # a lazy trace records outside any block
-            try:
-                yield
-            finally:
-                _current.reset(token)
-            return
-        paused, mode.paused = mode.paused, True
+        paused = mode.paused if mode is not None else False
+        if mode is not None:  # a lazy trace records outside any block, without a mode
+            mode.paused = True
         try:
             yield
         finally:
-            mode.paused = paused
+            if mode is not None:
+                mode.paused = paused
             _current.reset(token)
 
 
@@ -489,6 +471,8 @@ class _Method:
 
 
 class _Steps:
+    """``tracer.iter[...]``: the generation steps (calls of each module) to record for."""
+
     def __init__(self, trace: Trace) -> None:
         self.trace = trace
 
@@ -512,42 +496,12 @@ class _Steps:
                 trace.call = previous
 
 
-class _Recorder(TorchFunctionMode):
-    """Active inside a trace block: routes torch calls on proxies and factory calls."""
-
-    def __init__(self, trace: Trace) -> None:
-        super().__init__()
-        self.trace = trace
-        self.paused = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not self.paused and _current.get() is self.trace:  # not an enclosing trace's run
-            if _has_proxy(args) or _has_proxy(kwargs.values()):
-                return self.trace.apply_torch(func, args, kwargs)
-            if ops.factory_name(func) is not None:
-                return self.trace.apply_torch(func, args, kwargs)
-        return func(*args, **kwargs)
+def _flat(value: Any) -> list[Any]:
+    return list(tree.leaves(value))
 
 
-def _has_proxy(items: Any) -> bool:
-    for item in items:
-        if isinstance(item, Proxy):
-            return True
-        if isinstance(item, (tuple, list)) and any(isinstance(i, Proxy) for i in item):
-            return True
-    return False
-
-
-def _unwrap(value: Any) -> Any:
-    if isinstance(value, Proxy):
-        return value.value
-    if isinstance(value, (tuple, list)):
-        items = [_unwrap(v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, dict):
-        return {k: _unwrap(v) for k, v in value.items()}
-    return value
+def _replace_proxies(value: Any, fn: Any) -> Any:
+    return tree.map(lambda v: fn(v) if isinstance(v, Proxy) else v, value)
 
 
 def _eager(op: str, target: str, args: tuple, kwargs: dict) -> Any:

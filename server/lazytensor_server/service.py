@@ -2,9 +2,10 @@
 
 ``Service.handle(peer, frames, reply)`` takes one request's frames from any transport and
 answers through ``reply(peer, frames)``, from this thread or a worker's. It decodes and checks
-everything a peer sends before anything runs: the wire format (:mod:`lazytensor.wire`), the
-API key, the limits, every op against the allow-list and every module path against the
-served model. A bad request gets an ``error`` reply and changes nothing; the service keeps
+everything a peer sends before anything runs: the wire format and message types
+(:mod:`lazytensor.protocol.messages`), the API key, the limits, every op against the
+allow-list and every module path against the served model. Requests are matched on their
+message class. A bad request gets a ``Failure`` reply and changes nothing; the service keeps
 serving.
 
 Finished results are kept (bounded, with a time-to-live) under their request id, so a client
@@ -22,15 +23,16 @@ from typing import Any
 
 import msgpack
 
-from lazytensor import ops, wire
-from lazytensor.errors import NodeFailure, OpNotAllowedError, ProtocolError
-from lazytensor.executor import Batch
-from lazytensor.graph import Graph, Node
+from lazytensor.core import ops
+from lazytensor.core.errors import NodeFailure, OpNotAllowedError, ProtocolError, UnknownRequest
+from lazytensor.core.graph import Batch, Graph, Node
+from lazytensor.protocol import codec
+from lazytensor.protocol import messages as m
 
 from .auth import Keys
 from .limits import Limits, check
 from .registry import ServedModel
-from .worker import Job, Worker, error_body
+from .worker import Job, Worker
 
 log = logging.getLogger("lazytensor.server")
 
@@ -43,10 +45,6 @@ INPUT_KWARGS = frozenset(
     repetition_penalty no_repeat_ngram_size length_penalty pad_token_id eos_token_id
     bos_token_id num_return_sequences typical_p logits_to_keep""".split()
 )
-
-
-class UnknownRequest(KeyError):
-    """A fetch for an id this server does not hold: the client sends the request again."""
 
 
 class Service:
@@ -78,7 +76,7 @@ class Service:
         self.limits = limits or Limits()
         self.keys = keys or Keys(None)
         self.models = {m.name: m for m in models}
-        self.wire_limits = wire.Limits(max_total_bytes=self.limits.max_request_bytes)
+        self.wire_limits = codec.Limits(max_total_bytes=self.limits.max_request_bytes)
         self.workers = {m.name: Worker(m, self.limits, self._done, trusted=trusted) for m in models}
         self.keep, self.keep_bytes, self.ttl = keep, keep_bytes, ttl
         self.kept_bytes = 0
@@ -94,46 +92,45 @@ class Service:
         size = _size(frames)
         try:
             check("request bytes", size, self.limits.max_request_bytes, "--max-request-bytes")
-            message = wire.decode(frames, limits=self.wire_limits)
-            body = message.body
-            request_id = body.get("id") if isinstance(body.get("id"), str) else None
-            key_name = self.keys.name_of(body.get("key"))
+            request = m.decode_request(frames, self.wire_limits)
+            request_id = request.id
+            key_name = self.keys.name_of(request.key)
             if key_name is None:
                 raise PermissionError(
                     "invalid or missing API key: pass api_key=... to "
                     "lazytensor.connect or set LAZYTENSOR_API_KEY"
                 )
-            handler = {
-                "models": self._models,
-                "describe": self._describe,
-                "run": self._run,
-                "fetch": self._fetch,
-                "ack": self._ack,
-            }.get(message.kind)
-            if handler is None:
-                raise ProtocolError(
-                    f"unknown request kind {message.kind!r}; expected "
-                    "models, describe, run or fetch"
-                )
-            handler(peer, reply, request_id, key_name, body, size)
+            if isinstance(request, m.ListModels):
+                self._models(peer, reply, request)
+            elif isinstance(request, m.Describe):
+                self._describe(peer, reply, request)
+            elif isinstance(request, m.Run):
+                self._run(peer, reply, request, key_name, size)
+            elif isinstance(request, m.Fetch):
+                self._fetch(peer, reply, request, key_name, size)
+            elif isinstance(request, m.Ack):
+                self._ack(request)
+            elif isinstance(request, m.Cancel):
+                self._cancel(request)
         except Exception as exc:  # every bad request is answered, none crashes the server
             if request_id is None:  # so the error reaches a client waiting on that id
                 request_id = _peek_id(frames, self.wire_limits.max_header_bytes)
-            log.info("refused request %s: %s: %s", request_id, type(exc).__name__, exc)
-            reply(peer, wire.encode("error", {"id": request_id, **error_body(exc)}))
+            log.info("refused request %r: %s: %s", request_id, type(exc).__name__, exc)
+            reply(peer, m.encode(m.Failure.of(request_id, exc)))
 
-    def _models(self, peer, reply, request_id, key_name, body, size) -> None:
+    def _models(self, peer: Any, reply: Reply, request: m.ListModels) -> None:
         models = [
-            m.info(self.workers[n].queue.qsize(), self.workers[n].served_count)
-            for n, m in self.models.items()
+            served.info(self.workers[n].queue.qsize(), self.workers[n].served_count)
+            for n, served in self.models.items()
         ]
-        reply(peer, wire.encode("models", {"id": request_id, "models": models}))
+        reply(peer, m.encode(m.ModelList(request.id, models)))
 
-    def _describe(self, peer, reply, request_id, key_name, body, size) -> None:
-        served = self._model(body.get("model"))
-        reply(peer, wire.encode("description", {"id": request_id, **served.description()}))
+    def _describe(self, peer: Any, reply: Reply, request: m.Describe) -> None:
+        served = self._model(request.model)
+        reply(peer, m.encode(m.Description(request.id, **served.description())))
 
-    def _run(self, peer, reply, request_id, key_name, body, size) -> None:
+    def _run(self, peer: Any, reply: Reply, request: m.Run, key_name: str, size: int) -> None:
+        request_id = request.id
         if request_id is None:
             raise ProtocolError("a run request needs a string 'id'")
         with self._lock:
@@ -147,31 +144,30 @@ class Service:
                 "the server is shutting down and accepts no new work; "
                 "retry against another server or later"
             )
-        served = self._model(body.get("model"))
-        job = self._job(request_id, key_name, served, body, size)
+        served = self._model(request.model)
+        job = self._job(request, key_name, served, size)
         worker = self.workers[served.name]
         with self._lock:
             self.running[request_id] = job
             self.peers[request_id] = (peer, reply)
-        reply(peer, wire.encode("status", {"id": request_id, "state": "received"}))
+        reply(peer, m.encode(m.Status(request_id, "received")))
         position = worker.waiting()  # told before the worker can say "running"
-        reply(
-            peer, wire.encode("status", {"id": request_id, "state": "queued", "position": position})
-        )
+        reply(peer, m.encode(m.Status(request_id, "queued", position)))
         worker.submit(job)
 
-    def _fetch(self, peer, reply, request_id, key_name, body, size) -> None:
+    def _fetch(self, peer: Any, reply: Reply, request: m.Fetch, key_name: str, size: int) -> None:
+        request_id = request.id
         with self._lock:
             self._expire()
             known = request_id in self.finished or request_id in self.running
         if known:
             self._resend(peer, reply, request_id)
-        elif isinstance(body.get("request"), dict):
-            self._run(peer, reply, request_id, key_name, body["request"], size)
+        elif request.request is not None:
+            self._run(peer, reply, request.request, key_name, size)
         else:
             raise self._unknown(request_id)
 
-    def _unknown(self, request_id: Any) -> KeyError:
+    def _unknown(self, request_id: Any) -> UnknownRequest:
         return UnknownRequest(
             f"no request {request_id!r} is running or kept on this server "
             f"(results are kept {self.ttl:g} s); send it again"
@@ -188,7 +184,7 @@ class Service:
                 raise self._unknown(request_id)
             self.peers[request_id] = (peer, reply)
         state = "running" if job.started else "queued"
-        reply(peer, wire.encode("status", {"id": request_id, "state": state}))
+        reply(peer, m.encode(m.Status(request_id, state)))
 
     # -- checks ---------------------------------------------------------------------------------
     def _model(self, name: Any) -> ServedModel:
@@ -200,41 +196,29 @@ class Service:
             f"this server does not serve a model {name!r}; it serves: {', '.join(self.models)}"
         )
 
-    def _job(
-        self, request_id: str, key_name: str, served: ServedModel, body: dict, size: int
-    ) -> Job:
+    def _job(self, request: m.Run, key_name: str, served: ServedModel, size: int) -> Job:
         limits = self.limits  # request bytes were checked in handle, before decoding
-        graph = wire.decode_graph(body.get("graph"), _consts(body.get("graph")))
+        graph = request.graph
         check("graph nodes", len(graph.nodes), limits.max_nodes, "--max-nodes")
         _check_graph(graph, served, self.trusted)
-        batch = _batch(body.get("batch"), limits)
-        stop_at = body.get("stop_at")
-        if stop_at is not None and not (
-            isinstance(stop_at, int) and 0 <= stop_at < len(graph.nodes)
-        ):
-            raise ProtocolError(f"stop_at {stop_at!r} names no node of the graph")
+        batch = _batch(request.batch, limits)
         return Job(
-            request_id, key_name, served.name, graph, batch, stop_at, bool(body.get("fake")), size
+            request.id, key_name, served.name, graph, batch, request.stop_at, request.fake, size
         )
 
     # -- outcomes -------------------------------------------------------------------------------
-    def _done(self, job: Job, kind: str, body: dict) -> None:
-        """Called by a worker: a status, or the job's result or error."""
-        if kind == "status":
-            self._send(job.id, kind, body)
+    def _done(self, job: Job, message: m.Message) -> None:
+        """Called by a worker: a status, or the job's result or failure."""
+        if isinstance(message, m.Status):
+            self._send(job.id, message)
             return
         try:
-            frames = wire.encode(kind, {"id": job.id, **body})
+            frames = m.encode(message)
         except Exception as exc:  # e.g. a saved value of a type the wire cannot carry
-            kind = "error"
-            frames = wire.encode(
-                kind,
-                {
-                    "id": job.id,
-                    "type": type(exc).__name__,
-                    "message": f"the result cannot be sent: {exc}",
-                },
+            message = m.Failure(
+                job.id, {"type": type(exc).__name__, "message": f"the result cannot be sent: {exc}"}
             )
+            frames = m.encode(message)
         size = _size(frames)
         with self._lock:
             self.running.pop(job.id, None)
@@ -253,16 +237,16 @@ class Service:
             size,
             (job.started - job.received) * 1e3,
             (now - job.started) * 1e3,
-            kind,
+            message.KIND,
         )
         if reply is not None:
             reply(peer, frames)
 
-    def _send(self, request_id: str, kind: str, body: dict) -> None:
+    def _send(self, request_id: str, message: m.Message) -> None:
         with self._lock:
             peer, reply = self.peers.get(request_id, (None, None))
         if reply is not None:
-            reply(peer, wire.encode(kind, {"id": request_id, **body}))
+            reply(peer, m.encode(message))
 
     def _expire(self) -> None:
         """Drop kept results past their time-to-live or over the count and byte budgets."""
@@ -275,28 +259,32 @@ class Service:
             self.finished.pop(oldest)
             self.kept_bytes -= size
 
-    def _ack(self, peer, reply, request_id, key_name, body, size) -> None:
+    def _ack(self, request: m.Ack) -> None:
         """The client has its result: stop keeping it (no reply)."""
         with self._lock:
-            kept = self.finished.pop(request_id, None)
+            kept = self.finished.pop(request.id, None)
             if kept is not None:
                 self.kept_bytes -= kept[2]
+
+    def _cancel(self, request: m.Cancel) -> None:
+        """Drop a job that has not started; it fails with a "cancelled" error."""
+        with self._lock:
+            job = self.running.get(request.id)
+        if job is not None and self.workers[job.model].cancel(job):
+            self._done(job, m.Failure(job.id, {**_CANCELLED, "cancelled": True}))
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Refuse new work, let running jobs finish, fail the queued ones with a message."""
         self.closing = True
         for worker in self.workers.values():
             for job in worker.drain():
-                self._done(
-                    job,
-                    "error",
-                    {
-                        "type": "RuntimeError",
-                        "message": "the server shut down before this request ran; send it again",
-                    },
-                )
+                message = "the server shut down before this request ran; send it again"
+                self._done(job, m.Failure(job.id, {"type": "RuntimeError", "message": message}))
         for worker in self.workers.values():
             worker.stop(grace)
+
+
+_CANCELLED = {"type": "RemoteError", "message": "the request was cancelled before it ran"}
 
 
 def _size(frames: list) -> int:
@@ -318,10 +306,6 @@ def _peek_id(frames: list, max_bytes: int) -> str | None:
     except Exception:
         return None
     return request_id if isinstance(request_id, str) else None
-
-
-def _consts(data: Any) -> Any:
-    return data.get("constants") if isinstance(data, dict) else None
 
 
 def _check_graph(graph: Graph, served: ServedModel, trusted: bool) -> None:
@@ -357,23 +341,19 @@ def _check_node(node: Node, served: ServedModel, trusted: bool) -> None:
         raise OpNotAllowedError(f"unknown op {node.op!r}")
 
 
-def _batch(data: Any, limits: Limits) -> Batch:
-    if not isinstance(data, dict):
-        raise ProtocolError("a run request needs a 'batch' mapping")
-    args, kwargs = data.get("args", []), data.get("kwargs", {})
-    size, generate = data.get("size", 1), data.get("generate", False)
-    if not isinstance(args, list) or not isinstance(kwargs, dict) or not isinstance(size, int):
-        raise ProtocolError("batch must have list 'args', mapping 'kwargs' and int 'size'")
-    for name in kwargs:
+def _batch(batch: Batch, limits: Limits) -> Batch:
+    """The run's inputs, held to the model-input allow-list and the batch and step limits."""
+    for name in batch.kwargs:
         if name not in INPUT_KWARGS:
             raise OpNotAllowedError(
                 f"model input {name!r} is not accepted by this server; "
                 f"accepted: {', '.join(sorted(INPUT_KWARGS))}"
             )
-    check("batch size", size, limits.max_batch, "--max-batch")
-    if generate:
+    check("batch size", batch.size, limits.max_batch, "--max-batch")
+    kwargs = dict(batch.kwargs)
+    if batch.generate:
         steps = kwargs.setdefault("max_new_tokens", min(20, limits.max_new_tokens))
         if not isinstance(steps, int):
             raise ProtocolError("max_new_tokens must be an integer")
         check("generation steps (max_new_tokens)", steps, limits.max_new_tokens, "--max-new-tokens")
-    return Batch(tuple(args), kwargs, size, bool(generate))
+    return Batch(batch.args, kwargs, batch.size, batch.generate)

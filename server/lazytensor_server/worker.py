@@ -18,12 +18,15 @@ from typing import Any
 
 import torch
 
-from lazytensor import wire
-from lazytensor.errors import NodeFailure
-from lazytensor.executor import Batch, Executor
-from lazytensor.graph import Graph
+from lazytensor.backends.local import device_of, to_device
+from lazytensor.core import tree
+from lazytensor.core.graph import Batch, Graph
+from lazytensor.protocol import messages as m
+from lazytensor.protocol.values import Record
+from lazytensor.runtime import fake
+from lazytensor.runtime.executor import Executor
 
-from .limits import LimitExceeded, Limits, check
+from .limits import Limits, check
 from .registry import ServedModel
 
 log = logging.getLogger("lazytensor.server")
@@ -43,16 +46,17 @@ class Job:
     bytes_in: int
     received: float = field(default_factory=time.monotonic)
     started: float = 0.0
+    cancelled: bool = False
 
 
 class Worker:
-    """Runs jobs for one model on its own thread; ``done(job, kind, body)`` gets each outcome."""
+    """Runs jobs for one model on its own thread; ``done(job, message)`` gets each outcome."""
 
     def __init__(
         self,
         served: ServedModel,
         limits: Limits,
-        done: Callable[[Job, str, dict], None],
+        done: Callable[[Job, m.Message], None],
         max_batch: int = 1,
         trusted: bool = False,
     ) -> None:
@@ -73,6 +77,13 @@ class Worker:
 
     def submit(self, job: Job) -> None:
         self.queue.put(job)
+
+    def cancel(self, job: Job) -> bool:
+        """Mark a job that has not started as cancelled (the loop skips it); whether it was."""
+        if job.started or job.cancelled:
+            return False
+        job.cancelled = True
+        return True
 
     def stop(self, timeout: float | None = None) -> None:
         self.queue.put(None)
@@ -114,30 +125,21 @@ class Worker:
 
     def run_batch(self, jobs: list[Job]) -> None:
         for job in jobs:
+            if job.cancelled:
+                continue
             job.started = time.monotonic()
-            self.done(job, "status", {"state": "running"})
+            self.done(job, m.Status(job.id, "running"))
             try:
-                body = {"values": self._run(job)}
-                kind = "result"
+                message: m.Message = m.Result(job.id, self._run(job))
             except Exception as exc:  # one job's failure is that job's only
-                kind, body = "error", error_body(exc)
+                message = m.Failure.of(job.id, exc)
             self.served_count += 1
-            self.done(job, kind, body)
+            self.done(job, message)
 
     def _run(self, job: Job) -> dict:
         module = self.served.module
-        device = _device(module)
-        batch = Batch(
-            _to(job.batch.args, device),
-            _to(job.batch.kwargs, device),
-            job.batch.size,
-            job.batch.generate,
-        )
-        fake_mode = None
-        if job.fake:
-            from torch._subclasses.fake_tensor import FakeTensorMode
-
-            fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        batch = to_device(job.batch, device_of(module))
+        fake_mode = fake.mode() if job.fake else None
         executor = Executor(
             module,
             job.graph,
@@ -154,10 +156,10 @@ class Worker:
                 f"{exc}: over this server's limit of {self.limits.max_seconds:g} s "
                 "(--max-seconds); ask for less work per request"
             ) from None
-        except torch.cuda.OutOfMemoryError as exc:
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             torch.cuda.empty_cache()
             raise MemoryError(
-                f"the GPU ran out of memory for this request: {exc}; "
+                f"the server ran out of memory for this request: {exc}; "
                 "use a smaller batch or save less"
             ) from None
         if job.fake:
@@ -167,84 +169,44 @@ class Worker:
         return values
 
 
-def error_body(exc: BaseException) -> dict:
-    """An exception as data for the client."""
-    if type(exc).__name__ == "UnknownRequest":
-        return {"type": "KeyError", "message": str(exc.args[0]), "unknown": True}
-    if isinstance(exc, NodeFailure):
-        error = exc.error
-        return {
-            "type": type(error).__name__,
-            "message": _text(error),
-            "node": exc.node,
-            "hint": exc.hint,
-        }
-    if isinstance(exc, LimitExceeded):
-        return {"type": "LimitExceeded", "message": str(exc)}
-    return {"type": type(exc).__name__, "message": _text(exc)}
-
-
-def _text(exc: BaseException) -> str:
-    """The message of ``exc`` (``str`` of a ``KeyError`` is the repr of its message)."""
-    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
-        return exc.args[0]
-    return str(exc)
-
-
 def portable(value: Any) -> Any:
     """A saved value in a form the wire carries: CPU tensors, records, containers, scalars."""
+    return tree.map(_portable_leaf, _records(value))
+
+
+def _records(value: Any) -> Any:
+    """Mappings other than plain dicts (``ModelOutput``) travel as :class:`Record`s."""
+    if isinstance(value, dict) and type(value) is not dict and not isinstance(value, Record):
+        return Record(type(value).__name__, {k: _records(v) for k, v in value.items()})
+    if tree.is_container(value) and not isinstance(value, slice):
+        return tree.rebuild(value, [_records(v) for v in tree.children(value)])
+    return value
+
+
+def _portable_leaf(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
-    if isinstance(value, (str, int, float, bool, type(None), torch.dtype, torch.device)):
+    if isinstance(value, (str, int, float, bool, type(None), torch.dtype, torch.device, slice)):
         return value
-    if isinstance(value, (tuple, list)):
-        return type(value)(portable(v) for v in value)
-    if isinstance(value, dict):
-        return (
-            wire.Record(type(value).__name__, {k: portable(v) for k, v in value.items()})
-            if type(value) is not dict
-            else {k: portable(v) for k, v in value.items()}
-        )
-    return wire.Record("Opaque", {"type": type(value).__name__})
+    return Record("Opaque", {"type": type(value).__name__})
 
 
 def _meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return wire.Record(
-            "TensorMeta",
-            {
-                "shape": list(value.shape),
-                "dtype": str(value.dtype).removeprefix("torch."),
-                "device": str(value.device),
-            },
-        )
-    if isinstance(value, (tuple, list)):
-        return type(value)(_meta(v) for v in value)
-    if isinstance(value, dict):
-        return wire.Record(type(value).__name__, {k: _meta(v) for k, v in value.items()})
-    return portable(value)
+    """A fake run's value as shapes: each tensor becomes a ``TensorMeta`` record."""
+
+    def describe(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            dtype = str(leaf.dtype).removeprefix("torch.")
+            return Record("TensorMeta", {"shape": list(leaf.shape), "dtype": dtype,
+                                         "device": str(leaf.device)})  # fmt: skip
+        return _portable_leaf(leaf)
+
+    return tree.map(describe, _records(value))
 
 
 def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    return 0
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
+    return sum(
+        leaf.numel() * leaf.element_size()
+        for leaf in tree.leaves(value)
+        if isinstance(leaf, torch.Tensor)
+    )

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..core import tree
+
 
 def narrow(value: Any, rows: tuple[int, int] | None, size: int) -> Any:
     """The part of ``value`` that belongs to ``rows`` of a batch of ``size``."""
@@ -23,14 +25,16 @@ def narrow(value: Any, rows: tuple[int, int] | None, size: int) -> Any:
         if value.dim() > 0 and value.shape[0] == size:
             return value[start:stop]
         return value
-    return _map(value, lambda v: narrow(v, rows, size))
+    if tree.is_container(value) and not isinstance(value, slice):
+        return tree.rebuild(value, [narrow(v, rows, size) for v in tree.children(value)])
+    return value
 
 
 def replace(full: Any, new: Any, rows: tuple[int, int] | None, size: int) -> Any:
     """``full`` with ``rows`` replaced by ``new`` (all of it when ``rows`` is ``None``)."""
     if rows is None or rows == (0, size):
         if hasattr(full, "_fields") and type(new) is tuple and len(new) == len(full):
-            return type(full)(*new)  # a graph carries a namedtuple as a plain tuple
+            return tree.rebuild(full, list(new))  # a graph carries a namedtuple as a tuple
         return new
     start, stop = rows
     if isinstance(full, torch.Tensor):
@@ -45,36 +49,8 @@ def replace(full: Any, new: Any, rows: tuple[int, int] | None, size: int) -> Any
                 f"cannot replace rows {start}:{stop} of a {type(full).__name__} of "
                 f"{len(full)} items with one of {len(new)} items"
             )
-        items = [replace(f, n, rows, size) for f, n in zip(full, new)]
-        return type(full)(items) if isinstance(full, list) else _rebuild_tuple(full, items)
+        return tree.rebuild(full, [replace(f, n, rows, size) for f, n in zip(full, new)])
     if isinstance(full, dict) and isinstance(new, dict):
-        merged = {
-            k: replace(full[k], new[k], rows, size) if k in new else v for k, v in full.items()
-        }
-        return _rebuild_dict(full, merged)
+        merged = [replace(v, new[k], rows, size) if k in new else v for k, v in full.items()]
+        return tree.rebuild(full, merged)
     return new
-
-
-def _map(value: Any, fn) -> Any:
-    if isinstance(value, tuple):
-        return _rebuild_tuple(value, [fn(v) for v in value])
-    if isinstance(value, list):
-        return [fn(v) for v in value]
-    if isinstance(value, dict):
-        return _rebuild_dict(value, {k: fn(v) for k, v in value.items()})
-    return value
-
-
-def _rebuild_tuple(like: tuple, items: list) -> tuple:
-    if hasattr(like, "_fields"):  # namedtuple
-        return type(like)(*items)
-    return tuple(items)
-
-
-def _rebuild_dict(like: dict, items: dict) -> dict:
-    if type(like) is dict:
-        return items
-    try:  # dict subclasses such as transformers' ModelOutput
-        return type(like)(**items)
-    except TypeError:
-        return dict(items)

@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import Site
+from . import tree
+from .site import Site
 
 #: Every op a node may carry; each is also an ``Executor`` method name.
 POINT_READS = ("input", "inputs", "output", "result")
@@ -74,6 +75,7 @@ class Node:
     call: int = 0
     rows: tuple[int, int] | None = None
     _deps: tuple[int, ...] | None = field(default=None, init=False, repr=False, compare=False)
+    _key: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def is_point(self) -> bool:
@@ -92,18 +94,35 @@ class Node:
             self._deps = tuple(sorted(set(self.refs())))
         return self._deps
 
+    def key(self) -> tuple:
+        """This node's part of :meth:`Graph.structure_key` (computed once)."""
+        if self._key is None:
+            self._key = (
+                self.op,
+                self.target,
+                _freeze(self.args),
+                _freeze(self.kwargs),
+                self.call,
+                self.rows,
+            )
+        return self._key
+
 
 def _collect_refs(value: Any, found: list[int]) -> None:
-    if isinstance(value, Ref):
-        found.append(value.id)
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            _collect_refs(item, found)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _collect_refs(item, found)
-    elif isinstance(value, slice):
-        _collect_refs((value.start, value.stop, value.step), found)
+    found.extend(leaf.id for leaf in tree.leaves(value) if type(leaf) is Ref)
+
+
+@dataclass
+class Batch:
+    """What the model is run on: ``model(*args, **kwargs)``, or ``model.generate(...)``.
+
+    ``size`` is the number of batch rows the inputs hold (what invokes' ``rows`` index).
+    """
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    size: int = 1
+    generate: bool = False
 
 
 @dataclass
@@ -155,19 +174,13 @@ class Graph:
     def structure_key(self) -> tuple:
         """A hashable key equal for graphs that differ only in constant *values*."""
         consts = tuple((tuple(t.shape), str(t.dtype)) for t in self.constants)
-        nodes = tuple(
-            (n.op, n.target, _freeze(n.args), _freeze(n.kwargs), n.call, n.rows) for n in self.nodes
-        )
-        return nodes, consts, tuple(self.saved)
+        return tuple([n.key() for n in self.nodes]), consts, tuple(self.saved)
 
 
 def _freeze(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *(_freeze(v) for v in value))
-    if isinstance(value, dict):
-        return ("dict", *((k, _freeze(v)) for k, v in value.items()))
-    if isinstance(value, slice):
-        return ("slice", _freeze(value.start), _freeze(value.stop), _freeze(value.step))
+    if tree.is_container(value):
+        keys = tuple(value) if isinstance(value, dict) else ()
+        return (type(value).__name__, keys, *(_freeze(v) for v in tree.children(value)))
     if isinstance(value, (bool, int, float, complex)):
         # 1 == 1.0 == True, yet x[True] is not x[1] and arange(3.0) is not arange(3)
         return (type(value).__name__, repr(value))

@@ -58,7 +58,7 @@ class ZmqTransport:
 
 
 class InProcessTransport:
-    """Delivers frames to ``server.handle(frames, reply)`` in this process."""
+    """Delivers frames to ``server.handle(peer, frames, reply)`` in this process."""
 
     def __init__(self, server: Any) -> None:
         self.server = server

@@ -14,8 +14,8 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from .errors import TraceError
-from .trace import current
+from ..core.errors import TraceError
+from ..tracing.trace import current
 
 _OWN = frozenset(("output", "input", "inputs"))
 
@@ -114,7 +114,7 @@ class Envoy:
     # -- recording ----------------------------------------------------------------------------
     def _trace(self):
         trace = current()
-        if trace is None or trace.model is not self._root:
+        if trace is None or trace.root is not self._root:
             what = "no trace is active" if trace is None else "the active trace is another model's"
             raise TraceError(
                 f".output/.input of {self._describe()} can be used only inside "
@@ -148,6 +148,6 @@ class Envoy:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         trace = current()
-        if trace is not None and trace.model is self._root:
+        if trace is not None and trace.root is self._root:
             return trace.apply("module", self._path, args, kwargs)
         return self._module(*args, **kwargs)

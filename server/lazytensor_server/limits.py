@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lazytensor.core.errors import LimitExceeded
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -15,10 +17,6 @@ class Limits:
     max_seconds: float = 300.0
     max_new_tokens: int = 512
     max_batch: int = 1024
-
-
-class LimitExceeded(Exception):
-    """A request is over one of the server's limits."""
 
 
 def check(what: str, value: float, limit: float, flag: str) -> None:

@@ -4,7 +4,7 @@ A proxy is one node of its trace's graph. Everything done to it (torch functions
 ``__torch_function__``, tensor methods, Python operators, indexing, attribute access) asks its
 trace to record a new node and returns the new node's proxy. The proxy records; the trace
 decides: what ``bool``, ``len``, ``.item()`` or ``print`` do is the trace's policy
-(:meth:`lazytensor.trace.Trace.materialize`), and after the ``with`` block the trace answers
+(:meth:`lazytensor.tracing.trace.Trace.materialize`), and after the ``with`` block the trace answers
 with real values, so a saved proxy then behaves like the value it stands for.
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import ops
+from ..core import ops
+from ..core.errors import TraceError
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -115,8 +116,6 @@ class Proxy:
         return self._trace.materialize(self, lambda v: v.__array__(*args, **kwargs))
 
     def __reduce__(self):
-        from .errors import TraceError
-
         raise TraceError("a proxy cannot be pickled; save it and pickle .value after the trace")
 
 

@@ -1,0 +1,261 @@
+"""Client: talks to a lazytensor server over a :mod:`~lazytensor.backends.transport`.
+
+A client sends typed requests (:mod:`lazytensor.protocol.messages`) and reads the replies for
+each request id: ``Status`` messages (received, queued with position, running), shown as a
+progress line on long waits, then one ``Result`` or ``Failure``. Every run carries a request id
+chosen here, so a retry after a lost connection (``Fetch`` with that id, on a fresh socket)
+returns the stored result instead of running the job twice.
+
+Errors travel as data (:func:`lazytensor.core.errors.from_data`): an error naming a node
+becomes a :class:`~lazytensor.core.errors.NodeFailure`, which the trace re-raises at the user's
+line with the original exception type when it is a known one.
+
+Several jobs may share one client, from several threads: the socket is used under a lock, but
+no job holds it while it waits, and replies read by one job for another are kept for it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import torch
+
+from ..core import tree
+from ..core.errors import RemoteTimeout, UnknownRequest
+from ..protocol import messages as m
+from ..protocol.values import DTYPES, Record
+from .base import JobState, RunRequest
+from .transport import Transport, ZmqTransport
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+
+_STATES = frozenset(state.value for state in JobState)
+
+#: How long one job reads the socket before letting another job's thread have a turn.
+_SLICE = 0.05
+
+
+class Connection:
+    """A connection to one server.
+
+    Args:
+        address: ``tcp://host:port``; default ``$LAZYTENSOR_SERVER`` or ``tcp://127.0.0.1:5555``.
+        api_key: default ``$LAZYTENSOR_API_KEY``.
+        transport: use this transport instead of a ZeroMQ socket (tests, embedding).
+        timeout: seconds to wait for a request's result before giving up.
+        silence: seconds without any reply after which the client asks again (``fetch``),
+            on a fresh socket if the first ask also goes unanswered.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        api_key: str | None = None,
+        *,
+        transport: Transport | None = None,
+        timeout: float = 600.0,
+        silence: float = 5.0,
+    ) -> None:
+        self.address = address or os.environ.get("LAZYTENSOR_SERVER") or DEFAULT_ADDRESS
+        self.api_key = api_key if api_key is not None else os.environ.get("LAZYTENSOR_API_KEY")
+        self.transport = transport if transport is not None else ZmqTransport(self.address)
+        self.timeout, self.silence = timeout, silence
+        self._lock = threading.Lock()
+        # Replies read by one job that belong to another job still in flight on this client.
+        self._mail: dict[str, list[m.Message]] = {}
+
+    # -- public API ---------------------------------------------------------------------------
+    def models(self) -> list[dict]:
+        """What the server serves: name, parameter count, dtype, device, queue length."""
+        return self.call(m.ListModels(_new_id(), self.api_key)).models
+
+    def describe(self, name: str) -> m.Description:
+        """A served model's module tree and tokenizer, as data."""
+        return self.call(m.Describe(_new_id(), self.api_key, name))
+
+    def submit(self, model: str, request: RunRequest) -> RemoteJob:
+        """Send a run of ``request`` on the server's ``model``; returns its job at once."""
+        run = m.Run(
+            _new_id(),
+            self.api_key,
+            model,
+            request.graph,
+            request.batch,
+            request.stop_at,
+            request.fake_mode is not None,
+        )
+        job = RemoteJob(self, run, request.fake_mode)
+        job.send()
+        return job
+
+    def call(self, request: m.Request) -> Any:
+        """Send a read-only request and wait for its reply message."""
+        job = RemoteJob(self, request, None)
+        job.send()
+        return job.wait()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def send(self, message: m.Message) -> None:
+        with self._lock:
+            self.transport.send(m.encode(message))
+
+
+class RemoteJob:
+    """One request in flight: poll :meth:`status`, block on :meth:`result`, :meth:`cancel`."""
+
+    def __init__(self, client: Connection, request: m.Request, fake_mode: Any) -> None:
+        self.client, self.request = client, request
+        self.id: str = request.id or ""
+        self.fake_mode = fake_mode
+        self.state = JobState.SENT
+        self.position: int | None = None
+        self._reply: m.Message | None = None
+        self._error: BaseException | None = None
+
+    def send(self) -> None:
+        with self.client._lock:
+            self.client._mail.setdefault(self.id, [])
+            self.client.transport.send(m.encode(self.request))
+
+    def status(self) -> JobState:
+        """``sent``, ``received``, ``queued``, ``running``, ``completed``, ``error``..."""
+        if not self._finished():
+            with self.client._lock:
+                self._pump(0.0)
+        return self.state
+
+    def result(self, timeout: float | None = None) -> dict[int, Any]:
+        """Wait for the job; returns node id -> value (raises the server's error)."""
+        reply = self.wait(timeout)
+        values = dict(reply.values)
+        if self.fake_mode is not None:
+            values = {k: _fake(v, self.fake_mode) for k, v in values.items()}
+        return values
+
+    def cancel(self) -> bool:
+        """Ask the server to drop the job if it has not started; whether it was dropped."""
+        if self._finished():
+            return False
+        self.client.send(m.Cancel(self.id, self.client.api_key))
+        try:
+            self.wait()
+        except Exception:
+            pass
+        return self.state is JobState.CANCELLED
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Wait for the reply message (``Result``, ``ModelList``...); raise a ``Failure``."""
+        limit = self.client.timeout if timeout is None else timeout
+        started = time.monotonic()
+        quiet_since, asked, shown = started, 0, False
+        while not self._finished():
+            now = time.monotonic()
+            if now - started > limit:
+                raise RemoteTimeout(
+                    f"no result for request {self.id} within {limit:.0f} s (its last state: "
+                    f"{self.state}); raise the client's timeout, or fetch it later by id"
+                )
+            with self.client._lock:
+                got = self._pump(_SLICE)
+            if got:
+                quiet_since, asked = time.monotonic(), 0
+            elif time.monotonic() - quiet_since > self.client.silence:
+                asked += 1
+                quiet_since = time.monotonic()
+                self._ask_again(reconnect=asked > 1)
+            if time.monotonic() - started > 1.0 and not self._finished():
+                shown = _progress(self.id, self.state, self.position) or shown
+        if shown:
+            _progress(self.id, self.state, None, end=True)
+        if self._error is not None:
+            raise self._error
+        if isinstance(self.request, m.Run):  # the server may forget the result now
+            self.client.send(m.Ack(self.id, self.client.api_key))
+        return self._reply
+
+    def _finished(self) -> bool:
+        return self._reply is not None or self._error is not None
+
+    def _ask_again(self, reconnect: bool) -> None:
+        """After silence: ask for the job by id (a read-only request is simply sent again)."""
+        with self.client._lock:
+            if reconnect:
+                self.client.transport.reconnect()
+        if isinstance(self.request, m.Run):
+            self.client.send(m.Fetch(self.id, self.client.api_key))
+        else:
+            self.client.send(self.request)
+
+    def _pump(self, timeout: float) -> bool:
+        """Read replies for up to ``timeout`` s (caller holds the lock); whether any came."""
+        transport, mail, got = self.client.transport, self.client._mail, False
+        for message in mail.get(self.id, []):  # read earlier by another job
+            got = True
+            self._take(message)
+            if self._finished():
+                break
+        mail[self.id] = []
+        end = time.monotonic() + timeout
+        while not self._finished():
+            frames = transport.recv(max(0.0, end - time.monotonic()))
+            if frames is None:
+                break
+            got = True
+            message = m.decode_reply(frames)
+            if message.id == self.id:
+                self._take(message)
+            elif message.id in mail:
+                mail[message.id].append(message)  # another job of this client: keep it for it
+            # else: a late reply to a request that is already answered
+        if self._finished():
+            mail.pop(self.id, None)
+        return got
+
+    def _take(self, message: m.Message) -> None:
+        if isinstance(message, m.Status):
+            if message.state in _STATES:
+                self.state, self.position = JobState(message.state), message.position
+            return
+        if isinstance(message, m.Failure):
+            error = message.exception()
+            if isinstance(error, UnknownRequest) and isinstance(self.request, m.Run):
+                self.client.transport.send(m.encode(self.request))  # it was lost: send again
+                return
+            cancelled = message.error.get("cancelled") is True
+            self.state = JobState.CANCELLED if cancelled else JobState.FAILED
+            self._error = error
+            return
+        self.state, self._reply = JobState.COMPLETED, message
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _fake(value: Any, mode: Any) -> Any:
+    """Turn the server's shape descriptions back into fake tensors of ``mode``."""
+    if isinstance(value, Record) and value.cls_name == "TensorMeta":
+        with mode:
+            return torch.empty(tuple(value["shape"]), dtype=DTYPES[value["dtype"]])
+    if tree.is_container(value):
+        return tree.rebuild(value, [_fake(v, mode) for v in tree.children(value)])
+    return value
+
+
+def _progress(job: str, state: JobState, position: int | None, end: bool = False) -> bool:
+    if not sys.stderr.isatty():
+        return False
+    if end:
+        sys.stderr.write("\r\033[K")
+    else:
+        where = f" (position {position})" if position is not None else ""
+        sys.stderr.write(f"\r\033[K[lazytensor] job {job[:8]}: {state}{where}")
+    sys.stderr.flush()
+    return True

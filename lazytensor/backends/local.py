@@ -1,0 +1,94 @@
+"""Local: run graphs in this process, on the model's own device.
+
+The backend gets its module through a callable, so a model built without weights
+(``dispatch=False``) loads them at the first run, and moves the batch's tensors to wherever the
+module's parameters live. A local job runs when its result is first asked for, so it can be
+cancelled until then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..core import tree
+from ..core.graph import Batch
+from ..runtime.executor import Executor
+from .base import JobState, RunRequest
+
+
+class LocalBackend:
+    """Runs graphs on ``module()`` in this process (user code is trusted: it is the user's)."""
+
+    def __init__(self, module: Callable[[], torch.nn.Module]) -> None:
+        self.module = module
+
+    def run(self, request: RunRequest) -> dict[int, Any]:
+        module = self.module()
+        batch = request.batch
+        if request.fake_mode is None:
+            batch = to_device(batch, device_of(module))
+        executor = Executor(
+            module, request.graph, batch, stop_at=request.stop_at, fake_mode=request.fake_mode
+        )
+        return executor.run()
+
+    def submit(self, request: RunRequest) -> LocalJob:
+        return LocalJob(self, request)
+
+
+class LocalJob:
+    """A local run, deferred until :meth:`result` (or :meth:`status`) is first called."""
+
+    def __init__(self, backend: LocalBackend, request: RunRequest) -> None:
+        self.backend, self.request = backend, request
+        self.state = JobState.QUEUED
+        self._values: dict[int, Any] | None = None
+        self._error: BaseException | None = None
+
+    def status(self) -> JobState:
+        return self.state
+
+    def result(self, timeout: float | None = None) -> dict[int, Any]:
+        if self.state is JobState.QUEUED:
+            self.state = JobState.RUNNING
+            try:
+                self._values = self.backend.run(self.request)
+                self.state = JobState.COMPLETED
+            except BaseException as exc:
+                self._error, self.state = exc, JobState.FAILED
+        if self.state is JobState.CANCELLED:
+            from ..core.errors import TraceError
+
+            raise TraceError("this job was cancelled before it ran")
+        if self._error is not None:
+            raise self._error
+        assert self._values is not None
+        return self._values
+
+    def cancel(self) -> bool:
+        if self.state is JobState.QUEUED:
+            self.state = JobState.CANCELLED
+            return True
+        return False
+
+
+def device_of(module: Any) -> torch.device:
+    """Where ``module``'s first parameter lives (CPU for a module without parameters)."""
+    parameters = getattr(module, "parameters", None)
+    param = next(parameters(), None) if parameters is not None else None
+    if param is None or param.device.type == "meta":
+        return torch.device("cpu")
+    return param.device
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` with every tensor moved to ``device`` (no copy for those already there)."""
+
+    def move(value: Any) -> Any:
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    return Batch(tree.map(move, batch.args), tree.map(move, batch.kwargs), batch.size,
+                 batch.generate)  # fmt: skip

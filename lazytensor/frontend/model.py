@@ -1,0 +1,200 @@
+"""Model and LanguageModel: wrap a module so it can be traced.
+
+A :class:`Model` is the root :class:`~lazytensor.frontend.envoy.Envoy` of any
+``torch.nn.Module`` plus the two things a trace needs from a model: an inputs adapter
+(:mod:`.inputs`: what an invoke's inputs become, how invokes join into one batch) and a
+backend (:mod:`lazytensor.backends`: this process, or a server). Wrapping changes nothing about
+the module: no hooks stay installed outside a trace.
+
+:class:`LanguageModel` loads a Hugging Face causal LM and its tokenizer and accepts text, token
+ids or encodings (:class:`~.inputs.TokenInputs`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..backends.base import Backend
+from ..backends.local import LocalBackend
+from ..backends.remote import RemoteBackend, connection
+from ..core.errors import TraceError
+from ..tracing.trace import Trace, current
+from .envoy import Envoy
+from .inputs import TensorInputs, TokenInputs
+
+
+class Model(Envoy):
+    """Wrap any ``torch.nn.Module`` for tracing.
+
+    Example:
+        >>> net = Model(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> with net.trace(torch.ones(2, 4)):
+        ...     y = net.output.save()
+        >>> y.shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, module: torch.nn.Module, name: str | None = None) -> None:
+        super().__init__(module)
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_inputs", TensorInputs())
+
+    def trace(
+        self,
+        *args: Any,
+        strict: bool = False,
+        remote: Any = False,
+        blocking: bool = True,
+        **kwargs: Any,
+    ) -> Trace:
+        """Open a trace; ``args``/``kwargs`` are the forward's inputs (one implicit invoke).
+
+        Args:
+            strict: raise instead of running the model early when a value is materialized.
+            remote: run on a server: ``True`` for ``$LAZYTENSOR_SERVER``, an address such as
+                ``"tcp://host:5555"``, or a :class:`~lazytensor.client.Client`.
+            blocking: with ``remote``, ``False`` submits the graph at the end of the block and
+                returns at once; poll ``tracer.status()``, wait with ``tracer.result()``.
+
+        Returns:
+            A :class:`~lazytensor.trace.Trace` to use as a context manager.
+        """
+        first = (args, kwargs) if (args or kwargs) else None
+        return self._open(first, remote=remote, strict=strict, blocking=blocking)
+
+    def _open(self, first: Any, *, remote: Any, **options: Any) -> Trace:
+        return Trace(self, self._inputs, self.backend(remote), first, **options)
+
+    def backend(self, remote: Any = False) -> Backend:
+        """Where this model's traces run: here, or on the server ``remote`` names.
+
+        ``remote`` is ``False`` (here; a handle on a served model runs on its server), ``True``
+        (``$LAZYTENSOR_SERVER``), an address such as ``"tcp://host:5555"``, or a client.
+        """
+        bound = self.__dict__.get("_bound")
+        if bound is not None and (remote is True or not remote):
+            return RemoteBackend(bound[0], bound[1])
+        if not remote:
+            return LocalBackend(self._local_module)
+        name = self.__dict__.get("_name")
+        if not name:
+            raise TraceError(
+                "this model has no name on a server: wrap it with Model(module, name=...), "
+                "load it by path, or get it from client.model(name)"
+            )
+        return RemoteBackend(connection(remote), name)
+
+    def _local_module(self) -> torch.nn.Module:
+        return self._module
+
+
+class LanguageModel(Model):
+    """A Hugging Face causal language model and its tokenizer, ready to trace.
+
+    Args:
+        model: a local path or hub id, or an already built ``PreTrainedModel``.
+        tokenizer: a tokenizer; by default loaded from the same path.
+        dtype: weights dtype (``torch.bfloat16`` or its name).
+        device_map: passed to ``from_pretrained`` (accelerate placement).
+        dispatch: load the weights now; ``False`` builds the model on the meta device and
+            loads the weights at the first run.
+
+    Example:
+        >>> lm = LanguageModel("path/to/model")                 # doctest: +SKIP
+        >>> with lm.trace("The Eiffel Tower is in"):           # doctest: +SKIP
+        ...     logits = lm.output.logits.save()
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        dtype: Any = None,
+        device_map: Any = None,
+        dispatch: bool = True,
+        remote: tuple[Any, str] | None = None,
+        **load_kwargs: Any,
+    ) -> None:
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        loader = {"dtype": dtype, "device_map": device_map, **load_kwargs}
+        loader = {k: v for k, v in loader.items() if v is not None}
+        if isinstance(model, torch.nn.Module):
+            module, source = model, getattr(model, "name_or_path", None)
+        elif remote is not None:  # a served model's handle (a ModuleSpec): see Client.model
+            module, source, dispatch = model, None, True
+        else:
+            source = str(model)
+            module = _load(source, loader) if dispatch else _load_empty(source, loader)
+        super().__init__(module, name=source)
+        object.__setattr__(self, "_bound", remote)
+        if tokenizer is None:
+            if not source:
+                raise TraceError("pass tokenizer=... for a model that was not loaded by path")
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        object.__setattr__(self, "tokenizer", tokenizer)
+        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_loader", loader)
+        object.__setattr__(self, "_dispatched", dispatch or isinstance(model, torch.nn.Module))
+        object.__setattr__(self, "_inputs", TokenInputs(tokenizer))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Outside a trace: a lazy result, run (once) when a value is needed.
+
+        ``lm("Hello").logits[0, -1]`` records; ``print(...)`` or ``.value`` runs the model, on
+        the server for a served model, in one round trip. Inside a trace: a module call.
+        """
+        if current() is not None:
+            return super().__call__(*args, **kwargs)
+        trace = Trace(self, self._inputs, self.backend(False), (args, kwargs), lazy=True)
+        return trace.read("", "output")
+
+    def dispatch(self) -> None:
+        """Load the real weights of a model created with ``dispatch=False``."""
+        if not self._dispatched:
+            object.__setattr__(self, "_module", _load(self._source, self._loader))
+            self._children.clear()
+            object.__setattr__(self, "_dispatched", True)
+
+    def generate(
+        self,
+        *args: Any,
+        strict: bool = False,
+        remote: Any = False,
+        blocking: bool = True,
+        **kwargs: Any,
+    ) -> Trace:
+        """Trace ``model.generate``: ``kwargs`` are generation options (``max_new_tokens``...).
+
+        Inside, ``tracer.iter[i:j]`` selects decoding steps, ``tracer.all()`` applies to every
+        step and ``tracer.result`` is the generated ids.
+        """
+        first = (args, {}) if args else None
+        return self._open(
+            first, remote=remote, generate=True, options=kwargs, strict=strict, blocking=blocking
+        )
+
+    def _local_module(self) -> torch.nn.Module:
+        self.dispatch()
+        return self._module
+
+
+def _load(source: str, loader: dict) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, **loader).eval()
+
+
+def _load_empty(source: str, loader: dict) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config).eval()

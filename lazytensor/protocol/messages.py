@@ -1,0 +1,345 @@
+"""Messages: every request and reply between client and server, as frozen dataclasses.
+
+Each message class has a ``KIND`` (the string on the wire), builds its body with ``body()``
+and is rebuilt from a peer's body by ``from_body``, which checks every field and raises
+:class:`~lazytensor.core.errors.ProtocolError` for anything a correct peer would not send. A
+server matches on these classes, never on dict keys. :func:`encode` turns a message into frames
+and :func:`decode_request` / :func:`decode_reply` turn frames back into one.
+
+A client sends::
+
+    ListModels    "models"    what is served
+    Describe      "describe"  one model's module tree and tokenizer
+    Run           "run"       a graph and the batch to run it on
+    Fetch         "fetch"     a result again, by request id (after a lost connection)
+    Ack           "ack"       the client has its result: the server may forget it
+    Cancel        "cancel"    stop waiting for a request that has not run yet
+
+A server answers with ``Status`` (received, queued with position, running), then one of
+``Result``, ``Failure`` (kind ``"error"``), ``ModelList`` or ``Description``.
+
+Graphs travel as ``{"nodes": [[id, op, target, args, kwargs, call, rows], ...], "saved": [...],
+"constants": [tensor, ...]}`` (:func:`encode_graph`); sites stay on the client, for its errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+from ..core import errors
+from ..core.errors import ProtocolError
+from ..core.graph import EVERY_CALL, OPS, Batch, Const, Graph, Node, Ref
+from . import codec
+from .values import _is_int, _malformed
+
+#: Longest request id accepted (ids are chosen by clients: bounded, printable).
+MAX_ID_LENGTH = 128
+
+
+def encode_graph(graph: Graph) -> dict:
+    """The body entry for ``graph``: ``{"nodes": [...], "saved": [...], "constants": [...]}``.
+
+    Each node is ``[id, op, target, args, kwargs, call, rows]``; constants stay tensors and
+    become frames when the body is encoded. Sites stay on the client: they are for its errors.
+    """
+    nodes = [
+        [n.id, n.op, n.target, tuple(n.args), dict(n.kwargs), n.call, n.rows] for n in graph.nodes
+    ]
+    return {"nodes": nodes, "saved": list(graph.saved), "constants": list(graph.constants)}
+
+
+def decode_graph(data: Any, constants: Sequence[torch.Tensor] | None = None) -> Graph:
+    """Rebuild and check a graph from :func:`encode_graph`'s dict, as :func:`decode` left it.
+
+    Args:
+        data: the decoded dict.
+        constants: the tensors ``Const`` arguments name; ``None`` takes ``data["constants"]``
+            (pass them to reuse a graph's structure with new values).
+
+    Raises:
+        ProtocolError: a node, reference or saved id that could not have been recorded.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
+        raise _malformed("graph", data, 'a dict with a "nodes" list')
+    consts = data.get("constants") if constants is None else constants
+    if not isinstance(consts, (list, tuple)) or not all(map(_is_tensor, consts)):
+        raise _malformed("graph constants", consts, "a list of tensors")
+    nodes = [_decode_node(item, i, len(consts)) for i, item in enumerate(data["nodes"])]
+    saved = data.get("saved")
+    if not isinstance(saved, list) or not all(_is_int(s) and 0 <= s < len(nodes) for s in saved):
+        raise _malformed("graph saved ids", saved, f"a list of node ids below {len(nodes)}")
+    return Graph(nodes, list(consts), list(saved), [None] * len(nodes))
+
+
+def _decode_node(item: Any, position: int, n_consts: int) -> Node:
+    if not isinstance(item, list) or len(item) != 7:
+        raise _malformed(f"node {position}", item, "[id, op, target, args, kwargs, call, rows]")
+    node_id, op, target, args, kwargs, call, rows = item
+    pair = isinstance(rows, (tuple, list)) and len(rows) == 2 and all(map(_is_int, rows))
+    checks = (
+        ("id", node_id, _is_int(node_id) and node_id == position, f"{position}, counting from 0"),
+        ("op", op, isinstance(op, str) and op in OPS, f"one of {sorted(OPS)}"),
+        ("target", target, isinstance(target, str), "a str"),
+        ("args", args, isinstance(args, tuple), "a tuple"),
+        ("kwargs", kwargs, isinstance(kwargs, dict) and all(map(_is_str, kwargs)), "str keys"),
+        ("call", call, _is_int(call) and call >= EVERY_CALL, f"an int >= {EVERY_CALL}"),
+        ("rows", rows, rows is None or (pair and 0 <= rows[0] <= rows[1]), "None or (a, b)"),
+    )
+    for name, got, ok, expected in checks:
+        if not ok:
+            raise _malformed(f"node {position}'s {name}", got, expected)
+    _check_args((args, kwargs), position, n_consts)
+    return Node(node_id, op, target, args, kwargs, call, None if rows is None else tuple(rows))
+
+
+def _check_args(value: Any, node_id: int, n_consts: int) -> None:
+    """Every Ref names an earlier node and every Const an existing constant."""
+    if isinstance(value, Ref) and not 0 <= value.id < node_id:
+        raise ProtocolError(
+            f"node {node_id} reads node {value.id}, which is not recorded before it: a node "
+            "may only read earlier nodes; the graph was built or edited incorrectly"
+        )
+    if isinstance(value, Const) and not 0 <= value.index < n_consts:
+        raise ProtocolError(
+            f"node {node_id} uses constant {value.index}, but the graph has {n_consts} "
+            "constants; send every tensor the graph uses in its constants"
+        )
+    if isinstance(value, slice):
+        value = (value.start, value.stop, value.step)
+    items = value.values() if isinstance(value, dict) else value
+    for item in items if isinstance(value, (tuple, list, dict)) else ():
+        _check_args(item, node_id, n_consts)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor)
+
+
+# -- messages ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Message:
+    """Base of every message: ``id`` is the request the message belongs to."""
+
+    KIND: ClassVar[str] = ""
+    id: str | None = None
+
+    def body(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_body(cls, body: dict) -> Message:
+        return cls(**{f.name: body.get(f.name, f.default) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Request(Message):
+    """A client's request; ``key`` is its API key (``None`` on an open server)."""
+
+    key: str | None = None
+
+    @classmethod
+    def from_body(cls, body: dict) -> Request:
+        key = body.get("key")
+        if key is not None and not isinstance(key, str):
+            raise _malformed("the API key", key, "a str or nil")
+        return super().from_body({**body, "id": check_id(body.get("id"))})
+
+
+@dataclass(frozen=True)
+class ListModels(Request):
+    KIND: ClassVar[str] = "models"
+
+
+@dataclass(frozen=True)
+class Describe(Request):
+    KIND: ClassVar[str] = "describe"
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class Run(Request):
+    """Run ``graph`` on ``model`` with ``batch``; ``stop_at`` ends the run after that node;
+    ``fake`` asks for shapes only (a shape-only pass answers ``.shape`` inside a trace)."""
+
+    KIND: ClassVar[str] = "run"
+    model: str = ""
+    graph: Graph = field(default_factory=Graph)
+    batch: Batch = field(default_factory=Batch)
+    stop_at: int | None = None
+    fake: bool = False
+
+    def body(self) -> dict:
+        b = self.batch
+        batch = {"args": list(b.args), "kwargs": b.kwargs, "size": b.size, "generate": b.generate}
+        return {**super().body(), "graph": encode_graph(self.graph), "batch": batch}
+
+    @classmethod
+    def from_body(cls, body: dict) -> Run:
+        graph = decode_graph(body.get("graph"))
+        stop_at = body.get("stop_at")
+        if stop_at is not None and not (_is_int(stop_at) and 0 <= stop_at < len(graph.nodes)):
+            raise ProtocolError(f"stop_at {stop_at!r} names no node of the graph")
+        if not isinstance(body.get("model"), str) or not isinstance(body.get("fake", False), bool):
+            raise _malformed("a run request", "its model or fake flag", "a str and a bool")
+        fields_ = {**body, "graph": graph, "batch": decode_batch(body.get("batch"))}
+        return super().from_body(fields_)
+
+
+@dataclass(frozen=True)
+class Fetch(Request):
+    """The result of request ``id`` again; ``request`` runs it if the server never got it."""
+
+    KIND: ClassVar[str] = "fetch"
+    request: Run | None = None
+
+    def body(self) -> dict:
+        inner = self.request.body() if self.request is not None else None
+        return {**super().body(), "request": inner}
+
+    @classmethod
+    def from_body(cls, body: dict) -> Fetch:
+        inner = body.get("request")
+        run = Run.from_body({**inner, "id": body.get("id")}) if isinstance(inner, dict) else None
+        return super().from_body({**body, "request": run})
+
+
+@dataclass(frozen=True)
+class Ack(Request):
+    KIND: ClassVar[str] = "ack"
+
+
+@dataclass(frozen=True)
+class Cancel(Request):
+    KIND: ClassVar[str] = "cancel"
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """Where a request is: ``received``, ``queued`` (with ``position``), ``running``..."""
+
+    KIND: ClassVar[str] = "status"
+    state: str = ""
+    position: int | None = None
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    """The saved values of a run, by node id."""
+
+    KIND: ClassVar[str] = "result"
+    values: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_body(cls, body: dict) -> Result:
+        values = body.get("values")
+        if not isinstance(values, dict) or not all(map(_is_int, values)):
+            raise _malformed("a result's values", values, "a mapping of node ids to values")
+        return cls(body.get("id"), values)
+
+
+@dataclass(frozen=True)
+class Failure(Message):
+    """A request failed: ``error`` is :func:`lazytensor.core.errors.to_data` of the cause."""
+
+    KIND: ClassVar[str] = "error"
+    error: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, request_id: str | None, exc: BaseException) -> Failure:
+        return cls(request_id, errors.to_data(exc))
+
+    def exception(self) -> BaseException:
+        return errors.from_data(self.error)
+
+    def body(self) -> dict:
+        return {"id": self.id, **self.error}
+
+    @classmethod
+    def from_body(cls, body: dict) -> Failure:
+        return cls(body.get("id"), {k: v for k, v in body.items() if k != "id"})
+
+
+@dataclass(frozen=True)
+class ModelList(Message):
+    KIND: ClassVar[str] = "models"
+    models: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Description(Message):
+    """A served model as data: its module ``tree`` and its ``tokenizer`` (JSON and specials)."""
+
+    KIND: ClassVar[str] = "description"
+    model: str = ""
+    tree: dict = field(default_factory=dict)
+    tokenizer: dict = field(default_factory=dict)
+
+
+REQUESTS: dict[str, type[Request]] = {
+    m.KIND: m for m in (ListModels, Describe, Run, Fetch, Ack, Cancel)
+}
+REPLIES: dict[str, type[Message]] = {
+    m.KIND: m for m in (Status, Result, Failure, ModelList, Description)
+}
+
+
+def encode(message: Message, limits: codec.Limits | None = None) -> list:
+    """The frames of ``message`` (tensor frames are views: send them with ``copy=False``)."""
+    return codec.encode(message.KIND, message.body(), limits=limits)
+
+
+def decode_request(frames: Sequence[Any], limits: codec.Limits | None = None) -> Request:
+    """A client's frames as a checked :class:`Request`."""
+    return _typed(codec.decode(frames, limits=limits), REQUESTS, "request")
+
+
+def decode_reply(frames: Sequence[Any], limits: codec.Limits | None = None) -> Message:
+    """A server's frames as a checked reply message."""
+    return _typed(codec.decode(frames, limits=limits), REPLIES, "reply")
+
+
+def _typed(message: codec.Message, kinds: dict[str, type[Message]], what: str) -> Any:
+    cls = kinds.get(message.kind)
+    if cls is None:
+        raise ProtocolError(f"unknown {what} kind {message.kind!r}; expected {', '.join(kinds)}")
+    try:
+        return cls.from_body(message.body)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ProtocolError(f"malformed {message.kind!r} message: {exc}") from None
+
+
+def check_id(request_id: Any) -> str | None:
+    """A request id as clients may choose it: a short printable string (or nil)."""
+    if request_id is None:
+        return None
+    if (
+        not isinstance(request_id, str)
+        or not 0 < len(request_id) <= MAX_ID_LENGTH
+        or not request_id.isprintable()
+    ):
+        expected = f"a printable str of 1-{MAX_ID_LENGTH} chars"
+        raise _malformed("the request id", request_id, expected)
+    return request_id
+
+
+def decode_batch(data: Any) -> Batch:
+    """A run's inputs: positional ``args``, keyword ``kwargs``, row count, generate flag."""
+    if not isinstance(data, dict):
+        raise ProtocolError("a run request needs a 'batch' mapping")
+    args, kwargs = data.get("args", []), data.get("kwargs", {})
+    size, generate = data.get("size", 1), data.get("generate", False)
+    if not isinstance(args, list) or not isinstance(kwargs, dict) or not _is_int(size):
+        raise ProtocolError("batch must have list 'args', mapping 'kwargs' and int 'size'")
+    if not all(isinstance(k, str) for k in kwargs) or not isinstance(generate, bool) or size < 0:
+        raise ProtocolError("batch kwargs need str names, 'generate' a bool, 'size' >= 0")
+    return Batch(tuple(args), kwargs, size, generate)

@@ -1,0 +1,113 @@
+"""Plan: what a replay needs to know about a graph's shape, computed once per structure.
+
+A :class:`Plan` is the data flow of a graph and where its point nodes wait in the forward pass.
+It depends only on the graph's *structure* (its nodes, not its constant values), so
+:meth:`Plan.of` keeps plans in a small cache keyed by the nodes' structure: a trace repeated in a
+loop, or a server answering the same experiment for many users, plans it once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..core import ops
+from ..core.graph import EVERY_CALL, Graph, Ref
+
+PRE, POST, RESULT = "pre", "post", "result"
+#: The hook kind each point op waits for.
+KIND = {"input": PRE, "inputs": PRE, "set_input": PRE, "set_inputs": PRE,
+        "output": POST, "set_output": POST, "result": RESULT}  # fmt: skip
+READS = frozenset(("input", "inputs", "output", "result"))
+
+Key = tuple[str, str]  # (module path, PRE | POST | RESULT)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The data flow and hook points of a graph (recording order is a topological order).
+
+    Attributes:
+        deps: per node, the distinct ids it reads (ascending).
+        users: per node, the ids that read it.
+        points: per hook point, the point nodes waiting for it, in recording order.
+        key_of: the hook point of each point node.
+        home: per node, the point read whose memory it aliases (``None``: its own memory), for
+            the check that an in-place write happens while its module still runs.
+        repeating: nodes that run again at every call (under ``tracer.all()``).
+        mutating: nodes that write into their first argument.
+        modules: module paths called by ``module`` nodes.
+    """
+
+    deps: tuple[tuple[int, ...], ...]
+    users: tuple[tuple[int, ...], ...]
+    points: dict[Key, tuple[int, ...]]
+    key_of: dict[int, Key]
+    home: tuple[int | None, ...]
+    repeating: frozenset[int]
+    mutating: frozenset[int]
+    modules: frozenset[str]
+
+    _cache: ClassVar[OrderedDict[tuple, Plan]] = OrderedDict()
+    CACHE_SIZE: ClassVar[int] = 256
+
+    @classmethod
+    def of(cls, graph: Graph) -> Plan:
+        """The plan of ``graph``, from the cache when a graph of this structure was planned."""
+        key = tuple([node.key() for node in graph.nodes])
+        cache = cls._cache
+        plan = cache.get(key)
+        if plan is None:
+            plan = cache[key] = cls.build(graph)
+            if len(cache) > cls.CACHE_SIZE:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+        return plan
+
+    @classmethod
+    def build(cls, graph: Graph) -> Plan:
+        """Plan ``graph`` in one pass over its nodes."""
+        n = len(graph.nodes)
+        deps: list[tuple[int, ...]] = [()] * n
+        users: list[list[int]] = [[] for _ in range(n)]
+        points: dict[Key, list[int]] = {}
+        key_of: dict[int, Key] = {}
+        home: list[int | None] = [None] * n
+        repeating: set[int] = set()
+        mutating: set[int] = set()
+        modules: set[str] = set()
+        for node in graph.nodes:
+            i, op = node.id, node.op
+            deps[i] = node.deps()
+            for d in deps[i]:
+                users[d].append(i)
+            if op in KIND:
+                key = key_of[i] = (node.target, KIND[op])
+                points.setdefault(key, []).append(i)
+                if node.call == EVERY_CALL:
+                    repeating.add(i)
+                if op in READS:
+                    home[i] = i
+                continue
+            if op == "module":
+                modules.add(node.target)
+            facts = ops.facts(op, node.target)
+            if facts.writes:
+                mutating.add(i)
+            if facts.aliases:
+                first = node.args[0] if node.args else None
+                home[i] = home[first.id] if isinstance(first, Ref) else None
+            if repeating and any(d in repeating for d in deps[i]):
+                repeating.add(i)
+        return cls(
+            tuple(deps),
+            tuple(tuple(u) for u in users),
+            {k: tuple(v) for k, v in points.items()},
+            key_of,
+            tuple(home),
+            frozenset(repeating),
+            frozenset(mutating),
+            frozenset(modules),
+        )

@@ -1,0 +1,75 @@
+"""Args: turning what a user passes to a recorded op into graph data, and proxies into values.
+
+Inside a trace, every argument of a recorded op becomes plain data (:func:`to_graph`): a proxy
+of this trace becomes a :class:`~lazytensor.core.graph.Ref`, a tensor a
+:class:`~lazytensor.core.graph.Const` in the graph's constants, a ``torch.Size`` or named tuple a
+plain tuple, a ``range`` a list. After the block, :func:`to_values` does the reverse for ops run
+eagerly on saved values. Anything a graph cannot hold is a :class:`TraceError` naming the line.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..core import tree
+from ..core.errors import TraceError
+from ..core.graph import Ref
+from ..core.site import here
+from .proxy import Proxy
+
+if TYPE_CHECKING:
+    from .trace import Trace
+
+_SCALARS = frozenset((int, float, bool, str, type(None)))
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), torch.dtype,
+          torch.device)  # fmt: skip
+
+
+def to_graph(value: Any, trace: Trace, refs: list[int]) -> Any:
+    """``value`` as graph data for ``trace``; appends the ids of the nodes it reads to ``refs``."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is tuple:
+        return tuple([to_graph(v, trace, refs) for v in value])
+    if isinstance(value, Proxy):
+        if value._trace is trace:
+            refs.append(value._node)
+            return Ref(value._node)
+        return to_graph(value._trace.value_of(value), trace, refs)  # another trace's result
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, torch.Tensor):
+        return trace.graph.constant(value)
+    if isinstance(value, tuple):  # torch.Size and named tuples travel as plain tuples
+        return tuple([to_graph(v, trace, refs) for v in value])
+    if isinstance(value, range):
+        return list(value)
+    if tree.is_container(value):
+        return tree.rebuild(value, [to_graph(v, trace, refs) for v in tree.children(value)])
+    raise TraceError(
+        f"a {type(value).__name__} cannot be used inside a trace at {here()}: a graph "
+        "holds only tensors, numbers, strings, slices, dtypes, devices and containers of "
+        "them; compute with it outside the trace or pass a tensor instead"
+    )
+
+
+def to_values(value: Any) -> Any:
+    """``value`` with every proxy replaced by its real value (after its trace has run)."""
+    return tree.map(_real, value)
+
+
+def _real(value: Any) -> Any:
+    return value.value if isinstance(value, Proxy) else value
+
+
+def has_proxy(items: Any) -> bool:
+    """Whether ``items`` (an argument list) holds a proxy, at the top or one level down."""
+    for item in items:
+        if isinstance(item, Proxy):
+            return True
+        if isinstance(item, (tuple, list)) and any(isinstance(i, Proxy) for i in item):
+            return True
+    return False

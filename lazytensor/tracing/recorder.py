@@ -1,0 +1,54 @@
+"""Recorder: the torch-function mode that is active while a trace block runs.
+
+Torch calls on proxies reach :meth:`Proxy.__torch_function__`; this mode also catches tensor
+*factories* with no proxy among their arguments (``torch.zeros(3)`` inside a block), so they
+run where the graph runs. It is entered in ``Trace.__enter__`` and left in ``__exit__``: importing
+lazytensor patches nothing. :func:`record_torch` maps a torch callable to the node it records.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..core import ops
+from .args import has_proxy
+
+if TYPE_CHECKING:
+    from .trace import Trace
+
+
+class Recorder(TorchFunctionMode):
+    """Routes torch calls on proxies, and factory calls, to ``trace`` while not paused."""
+
+    def __init__(self, trace: Trace) -> None:
+        super().__init__()
+        self.trace = trace
+        self.paused = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        trace = self.trace
+        if not self.paused and trace.is_current():  # not an enclosing trace's run
+            if has_proxy(args) or has_proxy(kwargs.values()):
+                return record_torch(trace, func, args, kwargs)
+            if ops.factory_name(func) is not None:
+                return record_torch(trace, func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def record_torch(trace: Trace, func: Any, args: tuple, kwargs: dict) -> Any:
+    """Record a call that reached ``__torch_function__``: as its operator, method or function."""
+    name = getattr(func, "__name__", "")
+    on_tensor = getattr(torch.Tensor, name, None) is func
+    if on_tensor and name in ops.DUNDERS:
+        return trace.apply("function", ops.DUNDERS[name], args, kwargs)
+    if on_tensor and name in ops.REFLECTED:
+        return trace.apply("function", ops.REFLECTED[name], args[::-1], kwargs)
+    if on_tensor and name in ops.INPLACE:
+        return trace.apply("method", ops.INPLACE[name], args, kwargs)
+    if on_tensor and ops.is_method(name):
+        return trace.apply("method", name, args, kwargs)
+    return trace.apply("function", ops.function_name(func), args, kwargs)
