@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..core import tree
-from ..core.graph import Batch
+from ..core.errors import TraceError
+from ..runtime.device import device_of, to_device
 from ..runtime.executor import Executor
 from .base import JobState, RunRequest
 
@@ -60,8 +60,6 @@ class LocalJob:
             except BaseException as exc:
                 self._error, self.state = exc, JobState.FAILED
         if self.state is JobState.CANCELLED:
-            from ..core.errors import TraceError
-
             raise TraceError("this job was cancelled before it ran")
         if self._error is not None:
             raise self._error
@@ -73,22 +71,3 @@ class LocalJob:
             self.state = JobState.CANCELLED
             return True
         return False
-
-
-def device_of(module: Any) -> torch.device:
-    """Where ``module``'s first parameter lives (CPU for a module without parameters)."""
-    parameters = getattr(module, "parameters", None)
-    param = next(parameters(), None) if parameters is not None else None
-    if param is None or param.device.type == "meta":
-        return torch.device("cpu")
-    return param.device
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """``batch`` with every tensor moved to ``device`` (no copy for those already there)."""
-
-    def move(value: Any) -> Any:
-        return value.to(device) if isinstance(value, torch.Tensor) else value
-
-    return Batch(tree.map(move, batch.args), tree.map(move, batch.kwargs), batch.size,
-                 batch.generate)  # fmt: skip

@@ -17,6 +17,7 @@ from ..core import tree
 from ..core.errors import TraceError
 from ..core.graph import Ref
 from ..core.site import here
+from ..runtime.evaluate import evaluate
 from .proxy import Proxy
 
 if TYPE_CHECKING:
@@ -73,3 +74,34 @@ def has_proxy(items: Any) -> bool:
         if isinstance(item, (tuple, list)) and any(isinstance(i, Proxy) for i in item):
             return True
     return False
+
+
+def computed_inputs(trace: Trace, value: Any) -> Any:
+    """Invoke inputs built inside the block (``torch.ones(...)`` was recorded): compute them.
+
+    An input may use factories and ops on constants, not values from the model.
+    """
+    proxies = [v for v in tree.leaves(value) if isinstance(v, Proxy) and v._trace is trace]
+    if not proxies:
+        return value
+    wanted, stack = set(), [p._node for p in proxies]
+    while stack:
+        i = stack.pop()
+        if i not in wanted:
+            wanted.add(i)
+            stack.extend(trace.graph.nodes[i].refs())
+    nodes = trace.graph.nodes
+    if any(nodes[i].is_point or nodes[i].op == "module" for i in wanted):
+        raise TraceError(
+            f"an invoke's input at {here()} uses a value from the model; "
+            "inputs must be known before the forward pass"
+        )
+    values: dict[int, Any] = {}
+    with trace._paused():
+        for i in sorted(wanted):
+            values[i] = evaluate(nodes[i], values, trace.graph.constants)
+
+    def computed(v: Any) -> Any:
+        return values[v._node] if isinstance(v, Proxy) and v._trace is trace else v
+
+    return tree.map(computed, value)

@@ -119,6 +119,18 @@ class Proxy:
         raise TraceError("a proxy cannot be pickled; save it and pickle .value after the trace")
 
 
+class Method:
+    """A tensor method looked up on a proxy, recorded when called."""
+
+    __slots__ = ("trace", "proxy", "name")
+
+    def __init__(self, trace: Trace, proxy: Proxy, name: str) -> None:
+        self.trace, self.proxy, self.name = trace, proxy, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.trace.apply("method", self.name, (self.proxy, *args), kwargs)
+
+
 def _index(value: Any) -> int:
     return value.__index__()
 

@@ -33,16 +33,17 @@ from typing import Any, Protocol
 import torch
 
 from ..backends.base import Backend, Job, JobState, RunRequest
-from ..core import ops, tree
+from ..core import ops
 from ..core.errors import NodeFailure, StrictModeError, TraceError, at_site
-from ..core.graph import EVERY_CALL, Batch, Graph
+from ..core.graph import EVERY_CALL, Batch, Graph, Node
 from ..core.site import Site
 from ..core.site import here as _site
 from ..runtime.evaluate import evaluate
-from .args import to_graph, to_values
-from .proxy import Proxy
+from .args import computed_inputs, to_graph, to_values
+from .proxy import Method, Proxy
 from .recorder import Recorder, record_torch
 from .shapes import Shapes
+from .steps import Steps
 
 log = logging.getLogger("lazytensor")
 
@@ -234,38 +235,12 @@ class Trace:
             self.rows, self._in_invoke = previous, False
 
     def _add_part(self, args: tuple, kwargs: dict) -> tuple[int, int]:
-        args, kwargs = self._concrete(args), self._concrete(kwargs)
+        args, kwargs = computed_inputs(self, args), computed_inputs(self, kwargs)
         part = self.inputs.prepare(args, kwargs)
         start = self.size
         self.size += part.size
         self.parts.append(part)
         return (start, self.size)
-
-    def _concrete(self, value: Any) -> Any:
-        """Invoke inputs built inside the block (``torch.ones(...)`` was recorded): compute them.
-
-        An input may use factories and ops on constants, not values from the model.
-        """
-        proxies = [v for v in _flat(value) if isinstance(v, Proxy) and v._trace is self]
-        if not proxies:
-            return value
-        wanted, stack = set(), [p._node for p in proxies]
-        while stack:
-            i = stack.pop()
-            if i not in wanted:
-                wanted.add(i)
-                stack.extend(self.graph.nodes[i].refs())
-        nodes = self.graph.nodes
-        if any(nodes[i].is_point or nodes[i].op == "module" for i in wanted):
-            raise TraceError(
-                f"an invoke's input at {_site()} uses a value from the model; "
-                "inputs must be known before the forward pass"
-            )
-        values: dict[int, Any] = {}
-        with self._paused():
-            for i in sorted(wanted):
-                values[i] = evaluate(nodes[i], values, self.graph.constants)
-        return _replace_proxies(value, lambda p: values[p._node] if p._trace is self else p)
 
     @contextlib.contextmanager
     def all(self) -> Iterator[None]:
@@ -277,9 +252,9 @@ class Trace:
             self.call = previous
 
     @property
-    def iter(self) -> _Steps:
+    def iter(self) -> Steps:
         """``tracer.iter[0:8]`` yields steps; inside step i, module access means call i."""
-        return _Steps(self)
+        return Steps(self)
 
     @property
     def result(self) -> Any:
@@ -306,7 +281,8 @@ class Trace:
     def apply(self, op: str, target: str, args: tuple, kwargs: dict | None = None) -> Any:
         """Record ``op`` (or, after the block, compute it on the real values)."""
         if self.state is State.DONE:
-            return _eager(op, target, to_values(args), to_values(kwargs or {}))
+            eager = Node(-1, op, target, tuple(to_values(args)), to_values(kwargs or {}))
+            return evaluate(eager, (), [])
         self._check_recording()
         if op == "function":
             ops.resolve_function(target)
@@ -349,7 +325,7 @@ class Trace:
         if name in _VALUE_METHODS:
             return lambda *a, **k: self.materialize(proxy, lambda v: getattr(v, name)(*a, **k))
         if ops.is_method(name):
-            return _Method(self, proxy, name)
+            return Method(self, proxy, name)
         return self.apply("getattr", ops.check_attribute(name), (proxy,))
 
     def set_attribute(self, proxy: Proxy, name: str, value: Any) -> None:
@@ -456,59 +432,3 @@ class Trace:
             if mode is not None:
                 mode.paused = paused
             _current.reset(token)
-
-
-class _Method:
-    """A tensor method looked up on a proxy, recorded when called."""
-
-    __slots__ = ("trace", "proxy", "name")
-
-    def __init__(self, trace: Trace, proxy: Proxy, name: str) -> None:
-        self.trace, self.proxy, self.name = trace, proxy, name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.trace.apply("method", self.name, (self.proxy, *args), kwargs)
-
-
-class _Steps:
-    """``tracer.iter[...]``: the generation steps (calls of each module) to record for."""
-
-    def __init__(self, trace: Trace) -> None:
-        self.trace = trace
-
-    def __getitem__(self, key: int | slice) -> Iterator[int]:
-        if isinstance(key, int):
-            return self._walk(range(key, key + 1))
-        stop = key.stop
-        if stop is None:
-            stop = self.trace.options.get("max_new_tokens")
-            if stop is None:
-                raise TraceError("tracer.iter[...] needs a stop, e.g. tracer.iter[0:4]")
-        return self._walk(range(key.start or 0, stop, key.step or 1))
-
-    def _walk(self, steps: range) -> Iterator[int]:
-        trace = self.trace
-        for step in steps:
-            previous, trace.call = trace.call, step
-            try:
-                yield step
-            finally:
-                trace.call = previous
-
-
-def _flat(value: Any) -> list[Any]:
-    return list(tree.leaves(value))
-
-
-def _replace_proxies(value: Any, fn: Any) -> Any:
-    return tree.map(lambda v: fn(v) if isinstance(v, Proxy) else v, value)
-
-
-def _eager(op: str, target: str, args: tuple, kwargs: dict) -> Any:
-    if op == "function":
-        return ops.resolve_function(target)(*args, **kwargs)
-    if op == "method":
-        return getattr(args[0], target)(*args[1:], **kwargs)
-    if op == "getattr":
-        return getattr(args[0], target)
-    raise TraceError(f"{op} cannot run after the trace")

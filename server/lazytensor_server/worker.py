@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from lazytensor.backends.local import device_of, to_device
 from lazytensor.core import tree
 from lazytensor.core.graph import Batch, Graph
 from lazytensor.protocol import messages as m
 from lazytensor.protocol.values import Record
 from lazytensor.runtime import fake
+from lazytensor.runtime.device import device_of, to_device
 from lazytensor.runtime.executor import Executor
 
 from .limits import Limits, check

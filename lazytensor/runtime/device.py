@@ -1,0 +1,29 @@
+"""Device: where a module's weights live, and moving a run's inputs there."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..core import tree
+from ..core.graph import Batch
+
+
+def device_of(module: Any) -> torch.device:
+    """Where ``module``'s first parameter lives (CPU for a module without parameters)."""
+    parameters = getattr(module, "parameters", None)
+    param = next(parameters(), None) if parameters is not None else None
+    if param is None or param.device.type == "meta":
+        return torch.device("cpu")
+    return param.device
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` with every tensor moved to ``device`` (no copy for those already there)."""
+
+    def move(value: Any) -> Any:
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    args, kwargs = tree.map(move, batch.args), tree.map(move, batch.kwargs)
+    return Batch(args, kwargs, batch.size, batch.generate)
