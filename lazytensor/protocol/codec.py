@@ -9,8 +9,10 @@ The header is msgpack of ``{"kind": str, "body": value, "tensors": [{"dtype": na
 [...], "nbytes": n}, ...]}``. Each tensor in the body is replaced by its index into
 ``tensors``, and its raw bytes travel in frame ``2 + index``. Encoding does not copy a
 contiguous CPU tensor: its frame is a read-only view of the tensor's memory, so send the frames
-with ``copy=False`` and leave the tensors unchanged until they are sent. Decoding copies each
-frame once into a new tensor of its own, so the result is writable and outlives the frames.
+with ``copy=False`` and leave the tensors unchanged until they are sent. Decoding adopts a
+frame's own memory when it is writable and aligned (a received ``zmq.Frame``), and copies
+read-only or unaligned bytes once; either way the tensors are writable and outlive the frames.
+The value encoding lives in :mod:`.values`, the typed messages in :mod:`.messages`.
 
 Values msgpack has no type for travel as msgpack extension types; the data of each is the
 msgpack of its payload:
@@ -33,7 +35,7 @@ msgpack of its payload:
 
 Nothing a peer sends is unpickled or evaluated: decoding builds only the types above, checks
 every size, shape and reference against :class:`Limits`, and raises
-:class:`~lazytensor.errors.ProtocolError` for anything else, including a peer that speaks
+:class:`~lazytensor.core.errors.ProtocolError` for anything else, including a peer that speaks
 another :data:`PROTOCOL_VERSION`.
 """
 
