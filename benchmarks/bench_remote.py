@@ -82,14 +82,14 @@ def one_save(lm: lt.LanguageModel, remote: Any) -> torch.Tensor:
     """The small trace: one save of the logits (1, T, vocab)."""
     with lm.trace(PROMPT, remote=remote):
         logits = lm.output.logits.save()
-    return logits.value
+    return logits
 
 
 def big_save(lm: lt.LanguageModel, remote: Any, numel: int) -> torch.Tensor:
     """A trace that saves one float32 tensor of ``numel`` elements, built on the server."""
     with lm.trace(PROMPT, remote=remote):
         big = (torch.zeros(numel) + lm.output.logits[0, -1, 0]).save()  # (numel,)
-    return big.value
+    return big
 
 
 # -- servers --------------------------------------------------------------------------------

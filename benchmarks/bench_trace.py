@@ -43,13 +43,13 @@ def _walk(envoy: Any, path: str) -> Any:
 def one_save(lm: lt.LanguageModel, lay: common.Layout, rows: list) -> Any:
     with lm.trace(rows):
         h = _walk(lm, lay.layers)[SAVE_LAYER].output.save()
-    return h.value
+    return h
 
 
 def saves_12(lm: lt.LanguageModel, lay: common.Layout, rows: list) -> Any:
     with lm.trace(rows):
         hs = [layer.output.save() for layer in _walk(lm, lay.layers)[:12]]
-    return [h.value for h in hs]
+    return [h for h in hs]
 
 
 def neuron_forcing(lm: lt.LanguageModel, lay: common.Layout, rows: list) -> Any:
@@ -59,7 +59,7 @@ def neuron_forcing(lm: lt.LanguageModel, lay: common.Layout, rows: list) -> Any:
             x = _walk(_walk(lm, lay.layers)[layer], lay.down_proj).input
             x[which, -1, ids] = 5.0
         out = lm.output.save()
-    return out.value
+    return out
 
 
 def patching(lm: lt.LanguageModel, lay: common.Layout, clean: list, corrupt: list) -> Any:
@@ -69,7 +69,7 @@ def patching(lm: lt.LanguageModel, lay: common.Layout, clean: list, corrupt: lis
         with tracer.invoke(corrupt):
             _walk(lm, lay.layers)[PATCH_LAYER].output[:, -1] = h
             patched = lm.lm_head.output[:, -1].save()
-    return patched.value
+    return patched
 
 
 def small_ops(lm: lt.LanguageModel, lay: common.Layout, rows: list, n: int = 100) -> Any:
@@ -78,7 +78,7 @@ def small_ops(lm: lt.LanguageModel, lay: common.Layout, rows: list, n: int = 100
         for _ in range(n // 2):
             h = h * 1.0001 + 0.0
         h.save()
-    return h.value
+    return h
 
 
 def recording_ns(
@@ -100,7 +100,7 @@ def generate(lm: lt.LanguageModel, lay: common.Layout, rows: list) -> Any:
         with tracer.all():
             _walk(_walk(lm, lay.layers)[STEER_LAYER], lay.mlp).output[:] *= 0.5
         tokens = tracer.result.save()
-    return tokens.value
+    return tokens
 
 
 # -- one shape -----------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ with lm.generate(prompts, max_new_tokens=steps, do_sample=False) as tracer:
 
 def new_text(ids) -> list[str]:
     """The generated continuation of each row, decoded."""
-    return lm.tokenizer.batch_decode(ids.value[:, -steps:])
+    return lm.tokenizer.batch_decode(ids[:, -steps:])
 
 
 for prompt, before, after in zip(prompts, new_text(plain), new_text(steered)):

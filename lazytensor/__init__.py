@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from .backends.base import JobState
+from .core import tree as _tree
 from .core.errors import (
     GraphError,
     LazytensorError,
@@ -54,10 +55,29 @@ def apply(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def save(value: Any) -> Any:
-    """Function form of ``proxy.save()``: keep ``value`` after the trace and return it."""
+    """Keep ``value`` after the trace and return it: a proxy (as ``proxy.save()``), or a list,
+    dict or tuple of proxies, which after the trace holds their real values.
+
+    A container may be saved empty and filled later in the block::
+
+        with lm.trace("Hello"):
+            steps = lt.save([])
+            steps.append(lm.model.layers[0].output)
+        steps[0]  # a tensor
+    """
     if isinstance(value, Proxy):
         return value.save()
-    raise TypeError(f"lazytensor.save takes a proxy from a trace, not a {type(value).__name__}")
+    if isinstance(value, (list, dict, tuple)):
+        proxies = [v for v in _tree.leaves(value) if isinstance(v, Proxy)]
+        trace = proxies[0]._trace if proxies else current()
+        if trace is None:
+            raise TypeError("lazytensor.save of a container works inside a trace only")
+        trace.save_container(value)
+        return value
+    raise TypeError(
+        f"lazytensor.save takes a proxy from a trace, or a list, dict or tuple of them, "
+        f"not a {type(value).__name__}"
+    )
 
 
 __all__ = [

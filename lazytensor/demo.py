@@ -66,7 +66,7 @@ def force_neurons(
             neurons = lm.model.layers[layer].mlp.down_proj.input  # (2n, tokens, mlp)
             neurons[n:, -1, list(ids)] = VALUE  # the second copy only, last token
         logits = lm.output.logits[:, -1].save()  # (2n, vocab)
-    probs = logits.value.softmax(-1)  # (2n, vocab)
+    probs = logits.softmax(-1)  # (2n, vocab)
     return probs[:n], probs[n:]
 
 

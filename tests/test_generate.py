@@ -64,12 +64,12 @@ def exact(actual, expected) -> None:
 
 def check_all_steps(lm: lt.LanguageModel, arch: str, tokens, logits) -> None:
     want_tokens, want_logits = reference(lm, MLP[arch], scaled_calls=range(STEPS))
-    exact(tokens.value, want_tokens)
+    exact(tokens, want_tokens)
     assert len(logits) == STEPS
     for got, want in zip(logits, want_logits):
-        exact(got.value, want)
+        exact(got, want)
     _, plain = reference(lm, MLP[arch])
-    assert not torch.allclose(logits[0].value, plain[0])  # the intervention did something
+    assert not torch.allclose(logits[0], plain[0])  # the intervention did something
 
 
 def test_generate_scaling_every_step_llama(llama):
@@ -103,12 +103,12 @@ def test_generate_intervention_at_one_step(lm, arch):
         logits = [lm.lm_head.output[:, -1].save() for _ in tracer.iter[0:STEPS]]
         tokens = tracer.result.save()
     want_tokens, want_logits = reference(lm, MLP[arch], scaled_calls={2})
-    exact(tokens.value, want_tokens)
+    exact(tokens, want_tokens)
     for got, want in zip(logits, want_logits, strict=True):
-        exact(got.value, want)
+        exact(got, want)
     _, plain = reference(lm, MLP[arch])
-    exact(logits[1].value, plain[1])
-    assert not torch.allclose(logits[2].value, plain[2])
+    exact(logits[1], plain[1])
+    assert not torch.allclose(logits[2], plain[2])
 
 
 def test_generate_invokes_touch_only_their_rows(lm, arch):
@@ -122,12 +122,12 @@ def test_generate_invokes_touch_only_their_rows(lm, arch):
             logits = [lm.lm_head.output[:, -1].save() for _ in tracer.iter[0:STEPS]]
             tokens = tracer.result.save()
     want_tokens, want_logits = reference(lm, MLP[arch], scaled_calls=range(STEPS), rows=slice(1, 2))
-    exact(tokens.value, want_tokens)
+    exact(tokens, want_tokens)
     for got, want in zip(logits, want_logits, strict=True):
-        exact(got.value, want)
-    exact(first.value, want_tokens[:1])
+        exact(got, want)
+    exact(first, want_tokens[:1])
     plain, _ = reference(lm, MLP[arch])
-    exact(first.value, plain[:1])
+    exact(first, plain[:1])
 
 
 def test_shape_inside_generate(lm, arch):

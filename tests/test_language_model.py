@@ -68,7 +68,7 @@ def hook_count(module: torch.nn.Module) -> int:
 
 def exact(actual, expected) -> None:
     """Bit-for-bit equality; a saved proxy is compared through its real ``.value``."""
-    actual, expected = (x.value if isinstance(x, lt.Proxy) else x for x in (actual, expected))
+    actual, expected = (x if isinstance(x, lt.Proxy) else x for x in (actual, expected))
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
@@ -176,8 +176,8 @@ def check_lens(lm: lt.LanguageModel, lens, arch: str) -> None:
         expected = [hf.lm_head(norm(h)).argmax(-1) for h in outputs]
     assert len(lens) == len(expected) == len(layers)
     for got, want in zip(lens, expected):
-        exact(got.value, want)
-    exact(lens[-1].value, logits.argmax(-1))  # the last layer's lens is the model's prediction
+        exact(got, want)
+    exact(lens[-1], logits.argmax(-1))  # the last layer's lens is the model's prediction
 
 
 def test_logit_lens_llama(llama):

@@ -162,7 +162,7 @@ def test_no_hooks_or_modes_left_after_a_failure(tiny_mlp: TinyMLP, fail, error) 
     x = inputs(2)
     with net.trace(x):
         y = net.output.save()
-    exact(y.value, hooked(tiny_mlp, x))
+    exact(y, hooked(tiny_mlp, x))
 
 
 def test_modes_are_set_only_inside_the_block(tiny_mlp: TinyMLP) -> None:
@@ -202,7 +202,7 @@ def _one_trace(net: lt.Model, x: torch.Tensor, scale: float):
         net.layer2.input[:, 0] = scale
         net.layer3.output = net.layer3.output * scale
         y = net.output.save()
-    return weakref.ref(tracer), y.value
+    return weakref.ref(tracer), y
 
 
 def test_two_hundred_traces_leak_nothing(tiny_mlp: TinyMLP) -> None:
@@ -274,7 +274,7 @@ def test_values_are_freed_as_the_forward_proceeds(tiny_mlp: TinyMLP) -> None:
     assert counts == [1, 0]  # alive before layer2 (this test's hook runs first), then freed
     with torch.no_grad():
         expected = tiny_mlp.layer3(tiny_mlp.layer2(tiny_mlp.layer1(x)))
-    exact(y.value, expected)
+    exact(y, expected)
 
 
 # -- threads ------------------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def test_two_threads_trace_the_same_model_at_once(zoo: Zoo) -> None:
                     layer.output = layer.output * float(k + 2)
                     out = net.output.save()
                     assert function_modes() == 1  # only this thread's mode
-                results[k].append((main.value, out.value))
+                results[k].append((main, out))
         except BaseException as exc:
             errors.append(exc)
             barrier.abort()

@@ -166,7 +166,7 @@ def remote(request, local_llama, inproc_client, socket_client, handle):
 
 
 def values(saved: list) -> list[torch.Tensor]:
-    out = [s.value if isinstance(s, lt.Proxy) else s for s in saved]
+    out = [s if isinstance(s, lt.Proxy) else s for s in saved]
     assert all(isinstance(t, torch.Tensor) for t in out)
     return out
 
@@ -243,9 +243,9 @@ def test_lazy_result_runs_once_when_read(handle, local_llama, llama_service):
     assert served_count(llama_service) == before  # nothing ran yet
     top_values, top_indices = logits.topk(5).value
     assert served_count(llama_service) == before + 1  # one round trip
-    assert torch.equal(top_values, want.value.topk(5).values)
-    assert torch.equal(top_indices, want.value.topk(5).indices)
-    assert torch.equal(logits.value, want.value)
+    assert torch.equal(top_values, want.topk(5).values)
+    assert torch.equal(top_indices, want.topk(5).indices)
+    assert torch.equal(logits, want)
 
 
 def test_models_describes_what_is_served(inproc_client, socket_client, local_llama):
@@ -285,7 +285,7 @@ def test_non_blocking_job_without_a_block(remote, local_llama):
     (out,) = job.result()
     with local_llama.trace(SENTENCES):
         want = local_llama.output.logits.save()
-    assert torch.equal(out.logits, want.value)
+    assert torch.equal(out.logits, want)
 
 
 def test_several_jobs_in_flight_on_one_client(llama_service, local_llama):
@@ -302,7 +302,7 @@ def test_several_jobs_in_flight_on_one_client(llama_service, local_llama):
         with local_llama.trace(SENTENCES):
             local_llama.model.layers[1].output[:] = value
             want = local_llama.output.logits.save()
-        assert torch.equal(logits.value, want.value)
+        assert torch.equal(logits, want)
 
 
 def test_a_local_non_blocking_trace_is_a_job_that_runs_when_asked(local_llama):
@@ -310,10 +310,10 @@ def test_a_local_non_blocking_trace_is_a_job_that_runs_when_asked(local_llama):
         logits = local_llama.output.logits.save()
     assert job.status() == lt.JobState.QUEUED  # nothing ran yet
     (value,) = job.result()
-    assert job.status() == "done" and torch.equal(logits.value, value)
+    assert job.status() == "done" and torch.equal(logits, value)
     with local_llama.trace("Hi"):
         want = local_llama.output.logits.save()
-    assert torch.equal(value, want.value)
+    assert torch.equal(value, want)
     with local_llama.trace("Hi", blocking=False) as dropped:
         local_llama.output.save()
     assert dropped.cancel() and dropped.status() == "failed"

@@ -76,8 +76,8 @@ def test_issue_snippet_matches_hooks(tiny_mlp: TinyMLP) -> None:
             (tiny_mlp.layer3, lambda m, a, out: out * 2),
         ],
     )
-    exact(h.value, seen["h"])
-    exact(y.value, expected)
+    exact(h, seen["h"])
+    exact(y, expected)
     assert not torch.equal(expected, hooked(tiny_mlp, x))  # the interventions did something
     assert h.shape == (3, 16)
     exact(y.sum(), expected.sum())
@@ -94,9 +94,9 @@ def test_reading_does_not_change_the_output(tiny_mlp: TinyMLP) -> None:
     expected = hooked(
         tiny_mlp, x, post=[(tiny_mlp.act, lambda m, args, out: seen.update(a=out, i=args[0]))]
     )
-    exact(a.value, seen["a"])
-    exact(i.value, seen["i"])
-    exact(y.value, expected)
+    exact(a, seen["a"])
+    exact(i, seen["i"])
+    exact(y, expected)
 
 
 def test_inputs_read(zoo: Zoo) -> None:
@@ -109,9 +109,9 @@ def test_inputs_read(zoo: Zoo) -> None:
         both = net.scale.inputs.save()
     seen = {}
     hooked(zoo, x, pre_kwargs=[(zoo.scale, lambda m, a, k: seen.update(args=a, kwargs=k))])
-    exact(first.value, seen["args"][0])
-    assert factor.value == seen["kwargs"]["factor"] == 2.0
-    (both_args,), both_kwargs = both.value
+    exact(first, seen["args"][0])
+    assert factor == seen["kwargs"]["factor"] == 2.0
+    (both_args,), both_kwargs = both
     exact(both_args, seen["args"][0])
     assert both_kwargs == seen["kwargs"]
 
@@ -126,7 +126,7 @@ def test_inputs_write_in_place(tiny_mlp: TinyMLP) -> None:
     def edit(module, args):
         args[0][:, 2:5] = -1.0
 
-    exact(y.value, hooked(tiny_mlp, x, pre=[(tiny_mlp.layer3, edit)]))
+    exact(y, hooked(tiny_mlp, x, pre=[(tiny_mlp.layer3, edit)]))
 
 
 def test_inputs_write_a_keyword_argument_in_place(zoo: Zoo) -> None:
@@ -140,7 +140,7 @@ def test_inputs_write_a_keyword_argument_in_place(zoo: Zoo) -> None:
         kwargs["factor"] = 5.0
 
     expected = hooked(zoo, x, pre_kwargs=[(zoo.scale, edit)])
-    exact(y.value, expected)
+    exact(y, expected)
     assert not torch.equal(expected, hooked(zoo, x))
 
 
@@ -155,7 +155,7 @@ def test_inputs_assign_args_and_kwargs(zoo: Zoo) -> None:
         return (args[0] + 1,), {"factor": -0.5, "shift": 0.25}
 
     expected = hooked(zoo, x, pre_kwargs=[(zoo.scale, replace)])
-    exact(y.value, expected)
+    exact(y, expected)
     assert not torch.equal(expected, hooked(zoo, x))
 
 
@@ -166,7 +166,7 @@ def test_input_assign(tiny_mlp: TinyMLP) -> None:
         net.layer2.input = net.layer2.input.flip(-1) * 3
         y = net.output.save()
     expected = hooked(tiny_mlp, x, pre=[(tiny_mlp.layer2, lambda m, a: (a[0].flip(-1) * 3,))])
-    exact(y.value, expected)
+    exact(y, expected)
 
 
 def test_output_replace_on_tuple_output(zoo: Zoo) -> None:
@@ -180,7 +180,7 @@ def test_output_replace_on_tuple_output(zoo: Zoo) -> None:
     def halve(module, args, out):
         return Pair(out.main * 0.5, out.gate)
 
-    exact(y.value, hooked(zoo, x, post=[(zoo.split, halve)]))
+    exact(y, hooked(zoo, x, post=[(zoo.split, halve)]))
 
 
 def test_attribute_access_and_unpacking_of_a_namedtuple_output(zoo: Zoo) -> None:
@@ -193,9 +193,9 @@ def test_attribute_access_and_unpacking_of_a_namedtuple_output(zoo: Zoo) -> None
         product = (first * gate).save()
     seen = {}
     hooked(zoo, x, post=[(zoo.split, lambda m, a, out: seen.update(pair=out))])
-    exact(main.value, seen["pair"].main)
-    exact(gate.value, seen["pair"].gate)
-    exact(product.value, seen["pair"].main * seen["pair"].gate)
+    exact(main, seen["pair"].main)
+    exact(gate, seen["pair"].gate)
+    exact(product, seen["pair"].main * seen["pair"].gate)
 
 
 def test_result_is_the_return_value(tiny_mlp: TinyMLP) -> None:
@@ -206,8 +206,8 @@ def test_result_is_the_return_value(tiny_mlp: TinyMLP) -> None:
         result = tracer.result.save()
         output = net.output.save()
     expected = hooked(tiny_mlp, x, post=[(tiny_mlp.layer3, lambda m, a, out: out + 1.0)])
-    exact(result.value, expected)
-    exact(output.value, expected)
+    exact(result, expected)
+    exact(output, expected)
 
 
 def test_save_function_and_value(tiny_mlp: TinyMLP) -> None:
@@ -219,9 +219,9 @@ def test_save_function_and_value(tiny_mlp: TinyMLP) -> None:
         assert lt.save(same) is same
     seen = {}
     hooked(tiny_mlp, x, post=[(tiny_mlp.layer2, lambda m, a, out: seen.update(h=out))])
-    assert type(h.value) is torch.Tensor
-    exact(h.value, seen["h"])
-    exact(same.value, seen["h"])
+    assert type(h) is torch.Tensor
+    exact(h, seen["h"])
+    exact(same, seen["h"])
     with pytest.raises(TypeError, match="proxy"):
         lt.save(torch.ones(1))
 
@@ -231,7 +231,7 @@ def test_saved_proxies_behave_like_their_values_after_the_block(tiny_mlp: TinyML
     net = lt.Model(tiny_mlp)
     with net.trace(x):
         h = net.layer2.output.save()
-    real = h.value
+    real = h
     assert h.shape == real.shape and h.dtype == real.dtype and h.device == real.device
     assert len(h) == 3 and h.ndim == 2
     exact(h + 1, real + 1)
@@ -273,7 +273,7 @@ def test_shape_dtype_device_len_do_not_run_the_model(tiny_mlp: TinyMLP) -> None:
     assert (size, ndim) == (16, 2)
     seen = {}
     hooked(tiny_mlp, x, post=[(tiny_mlp.layer1, lambda m, a, out: seen.update(h=out))])
-    exact(half.value, seen["h"][..., :8])
+    exact(half, seen["h"][..., :8])
 
 
 def test_shape_of_computed_values_and_tuple_outputs(zoo: Zoo) -> None:
@@ -330,13 +330,13 @@ def test_invokes_see_and_write_only_their_rows(tiny_mlp: TinyMLP) -> None:
     seen = {}
     post = [(tiny_mlp.layer3, double), (tiny_mlp.layer1, lambda m, a, o: seen.update(h=o))]
     expected = hooked(tiny_mlp, torch.cat([a, b]), pre=[(tiny_mlp.layer2, zero)], post=post)
-    exact(everything.value, expected)
-    exact(h_all.value, seen["h"])
+    exact(everything, expected)
+    exact(h_all, seen["h"])
     assert ya.shape == (2, 4) and yb.shape == (3, 4)
-    exact(ya.value, expected[:2])
-    exact(yb.value, expected[2:])
-    exact(ha.value, seen["h"][:2])
-    exact(hb.value, seen["h"][2:])
+    exact(ya, expected[:2])
+    exact(yb, expected[2:])
+    exact(ha, seen["h"][:2])
+    exact(hb, seen["h"][2:])
 
     # Each invoke also matches its input run alone (up to matmul blocking across batch sizes).
     def zero_alone(module, args):
@@ -344,8 +344,8 @@ def test_invokes_see_and_write_only_their_rows(tiny_mlp: TinyMLP) -> None:
 
     alone_a = hooked(tiny_mlp, a, pre=[(tiny_mlp.layer2, zero_alone)])
     alone_b = hooked(tiny_mlp, b, post=[(tiny_mlp.layer3, lambda m, args, out: out * 2)])
-    torch.testing.assert_close(ya.value, alone_a)
-    torch.testing.assert_close(yb.value, alone_b)
+    torch.testing.assert_close(ya, alone_a)
+    torch.testing.assert_close(yb, alone_b)
 
 
 def test_patching_across_invokes(tiny_mlp: TinyMLP) -> None:
@@ -362,8 +362,8 @@ def test_patching_across_invokes(tiny_mlp: TinyMLP) -> None:
         out[2:, :4] = out[:2, :4]
 
     expected = hooked(tiny_mlp, torch.cat([clean_x, corrupt_x]), post=[(tiny_mlp.layer2, patch)])
-    exact(patched.value, expected[2:])
-    assert not torch.equal(patched.value, hooked(tiny_mlp, corrupt_x))
+    exact(patched, expected[2:])
+    assert not torch.equal(patched, hooked(tiny_mlp, corrupt_x))
 
 
 def test_patching_with_a_value_saved_by_an_earlier_trace(tiny_mlp: TinyMLP) -> None:
@@ -374,14 +374,14 @@ def test_patching_with_a_value_saved_by_an_earlier_trace(tiny_mlp: TinyMLP) -> N
     with net.trace(corrupt_x) as tracer:
         net.layer2.output[:, :4] = clean  # a real tensor now: a constant of this graph
         patched = net.output.save()
-    assert any(c is clean.value for c in tracer.graph.constants)
+    assert any(c is clean for c in tracer.graph.constants)
     seen = {}
     hooked(tiny_mlp, clean_x, post=[(tiny_mlp.layer2, lambda m, a, out: seen.update(h=out))])
 
     def patch(module, args, out):
         out[:, :4] = seen["h"][:, :4]
 
-    exact(patched.value, hooked(tiny_mlp, corrupt_x, post=[(tiny_mlp.layer2, patch)]))
+    exact(patched, hooked(tiny_mlp, corrupt_x, post=[(tiny_mlp.layer2, patch)]))
 
 
 def test_invokes_batch_keyword_inputs_and_equal_non_tensor_inputs(zoo: Zoo) -> None:
@@ -402,8 +402,8 @@ def test_invokes_batch_keyword_inputs_and_equal_non_tensor_inputs(zoo: Zoo) -> N
             out[1:] = 0.0
 
     expected = hooked(zoo, x=torch.cat([a, b]), factor=3.0, post=[(zoo.block, zero_rows)])
-    exact(ya.value, expected[:1])
-    exact(yb.value, expected[1:])
+    exact(ya, expected[:1])
+    exact(yb, expected[1:])
     with pytest.raises(lt.TraceError, match="differ"):
         with net.trace() as tracer:
             with tracer.invoke(a, 1.0):
@@ -429,9 +429,9 @@ def test_calling_modules_inside_a_trace(tiny_mlp: TinyMLP) -> None:
     ]
     expected = hooked(tiny_mlp, x, post=post)
     with torch.no_grad():
-        exact(skipped.value, tiny_mlp.layer3(seen["h1"]))
-        exact(again.value, tiny_mlp.layer3(seen["h2"]))
-    exact(y.value, expected)  # the extra calls changed nothing
+        exact(skipped, tiny_mlp.layer3(seen["h1"]))
+        exact(again, tiny_mlp.layer3(seen["h2"]))
+    exact(y, expected)  # the extra calls changed nothing
 
 
 def test_module_calls_inside_a_trace_do_not_fire_its_point_nodes(tiny_mlp: TinyMLP) -> None:
@@ -442,9 +442,9 @@ def test_module_calls_inside_a_trace_do_not_fire_its_point_nodes(tiny_mlp: TinyM
         net.layer3.output = net.layer3.output + 100.0
         y = net.output.save()
     expected = hooked(tiny_mlp, x, post=[(tiny_mlp.layer3, lambda m, a, o: o + 100.0)])
-    exact(y.value, expected)
+    exact(y, expected)
     with torch.no_grad():
-        exact(lens.value, tiny_mlp.layer3(tiny_mlp.layer1(x)))
+        exact(lens, tiny_mlp.layer3(tiny_mlp.layer1(x)))
 
 
 def test_module_list_indexing_iteration_len_and_get(zoo: Zoo) -> None:
@@ -472,10 +472,10 @@ def test_module_list_indexing_iteration_len_and_get(zoo: Zoo) -> None:
     post = [(layer, record(i)) for i, layer in enumerate(zoo.layers)] + [(zoo.layers[1], zero)]
     expected = hooked(zoo, x, post=post)
     for i, saved in enumerate(every):
-        exact(saved.value, seen[i])
-    exact(last.value, seen[2])
-    assert every[1].value.abs().sum() == 0
-    exact(y.value, expected)
+        exact(saved, seen[i])
+    exact(last, seen[2])
+    assert every[1].abs().sum() == 0
+    exact(y, expected)
 
 
 # -- modules called more than once: iter and all -------------------------------------------------
@@ -505,10 +505,10 @@ def test_iter_selects_the_nth_call(zoo: Zoo) -> None:
         post=[(zoo.block, lambda m, a, out: seen.append(out))],
     )
     assert len(seen) == 2
-    exact(first.value, seen[0])
-    exact(outs[0].value, seen[0])
-    exact(outs[1].value, seen[1])
-    exact(y.value, expected)
+    exact(first, seen[0])
+    exact(outs[0], seen[0])
+    exact(outs[1], seen[1])
+    exact(y, expected)
 
 
 def test_iter_with_one_step(zoo: Zoo) -> None:
@@ -519,7 +519,7 @@ def test_iter_with_one_step(zoo: Zoo) -> None:
             second = net.block.input.save()
     seen = []
     hooked(zoo, x, pre=[(zoo.block, lambda m, args: seen.append(args[0]))])
-    exact(second.value, seen[1])
+    exact(second, seen[1])
 
 
 def test_all_applies_at_every_call(zoo: Zoo) -> None:
@@ -534,7 +534,7 @@ def test_all_applies_at_every_call(zoo: Zoo) -> None:
         out[:] *= 0.5
 
     expected = hooked(zoo, x, post=[(zoo.block, halve)])
-    exact(y.value, expected)
+    exact(y, expected)
     calls = []
 
     def halve_first(module, args, out):
@@ -552,7 +552,7 @@ def test_all_replacement_uses_each_calls_own_value(zoo: Zoo) -> None:
             net.block.output = net.block.output + net.block.input
         y = net.output.save()
     expected = hooked(zoo, x, post=[(zoo.block, lambda m, args, out: out + args[0])])
-    exact(y.value, expected)
+    exact(y, expected)
 
 
 # -- materialization: a sync point inside the trace ----------------------------------------------
@@ -587,7 +587,7 @@ def test_materialization_returns_real_values_and_the_graph_still_runs(
     assert number == float(h_ref[0, 0])
     assert text == f"{h_ref.sum():.3f}"
     assert capsys.readouterr().out == f"{h_ref}\n"
-    exact(y.value, expected)
+    exact(y, expected)
     records = [r for r in caplog.records if r.name == "lazytensor"]
     assert len(records) == 6
     assert all("test_trace.py" in r.getMessage() for r in records)
@@ -659,7 +659,7 @@ def test_strict_mode_allows_shapes(tiny_mlp: TinyMLP) -> None:
         half = h[:, : h.shape[-1] // 2].save()
     seen = {}
     hooked(tiny_mlp, x, post=[(tiny_mlp.layer1, lambda m, a, out: seen.update(h=out))])
-    exact(half.value, seen["h"][:, :8])
+    exact(half, seen["h"][:, :8])
 
 
 def test_all_reads_keep_the_last_calls_value_and_iter_steps_materialize(zoo: Zoo) -> None:
@@ -679,8 +679,8 @@ def test_all_reads_keep_the_last_calls_value_and_iter_steps_materialize(zoo: Zoo
         pre=[(zoo.block, lambda m, args: ins.append(args[0]))],
         post=[(zoo.block, lambda m, a, out: outs.append(out))],
     )
-    exact(last.value, outs[1])
-    exact(doubled.value, outs[1] * 2)
+    exact(last, outs[1])
+    exact(doubled, outs[1] * 2)
     assert totals == [ins[0].sum().item(), ins[1].sum().item()]
 
 
@@ -692,13 +692,13 @@ def test_root_input_given_by_keyword_and_iterating_a_proxy(zoo: Zoo) -> None:
         net.input = net.input.flip(0)
         rows = [row.sum().save() for row in net.embed.output]
         y = net.output.save()
-    exact(first.value, x)
-    exact(y.value, hooked(zoo, x=x.flip(0)))
+    exact(first, x)
+    exact(y, hooked(zoo, x=x.flip(0)))
     seen = {}
     hooked(zoo, x.flip(0), post=[(zoo.embed, lambda m, a, out: seen.update(h=out))])
     assert len(rows) == 3
     for i, row in enumerate(rows):
-        exact(row.value, seen["h"][i].sum())
+        exact(row, seen["h"][i].sum())
 
 
 class Positions(torch.nn.Module):
@@ -723,8 +723,8 @@ def test_a_trace_inside_another_models_trace(tiny_mlp: TinyMLP) -> None:
             result = inner.output.save()
         outer.layer2.output = outer.layer2.output * 2
         y = outer.output.save()
-    assert type(result.value) is torch.Tensor
-    exact(result.value, torch.arange(8).expand(2, 8).float())
+    assert type(result) is torch.Tensor
+    exact(result, torch.arange(8).expand(2, 8).float())
     seen = {}
     expected = hooked(
         tiny_mlp,
@@ -734,5 +734,5 @@ def test_a_trace_inside_another_models_trace(tiny_mlp: TinyMLP) -> None:
             (tiny_mlp.layer2, lambda m, a, out: out * 2),
         ],
     )
-    exact(hidden.value, seen["h"])
-    exact(y.value, expected)
+    exact(hidden, seen["h"])
+    exact(y, expected)

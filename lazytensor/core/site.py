@@ -11,6 +11,7 @@ import linecache
 import os
 import sys
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 #: The lazytensor package folder: frames of its code are never the user's line.
@@ -35,6 +36,12 @@ class Site:
 
 def here() -> Site | None:
     """The innermost frame outside lazytensor and torch: the user's line."""
+    frame = user_frame()
+    return Site(frame.f_code.co_filename, frame.f_lineno) if frame is not None else None
+
+
+def user_frame() -> FrameType | None:
+    """The innermost frame of the stack outside lazytensor, torch and ``contextlib``."""
     frame = sys._getframe(1)
     internal = _INTERNAL
     while frame is not None:
@@ -43,7 +50,7 @@ def here() -> Site | None:
         if inside is None:
             inside = internal[code] = _is_internal(code.co_filename)
         if not inside:
-            return Site(code.co_filename, frame.f_lineno)
+            return frame
         frame = frame.f_back
     return None
 

@@ -33,14 +33,15 @@ from typing import Any, Protocol
 import torch
 
 from ..backends.base import Backend, Job, JobState, RunRequest
-from ..core import ops
+from ..core import ops, tree
 from ..core.errors import NodeFailure, StrictModeError, TraceError, at_site
 from ..core.graph import EVERY_CALL, Batch, Graph, Node
-from ..core.site import Site
+from ..core.site import Site, user_frame
 from ..core.site import here as _site
 from ..runtime.evaluate import evaluate
 from .args import computed_inputs, to_graph, to_values
 from .proxy import Method, Proxy
+from .publish import publish
 from .recorder import Recorder, record_torch
 from .shapes import Shapes
 from .steps import Steps
@@ -115,6 +116,8 @@ class Trace:
         self._warned: set[Site | None] = set()
         self._in_invoke = False
         self._cancelled = False
+        self.containers: list[Any] = []
+        self._frame: Any = None
         self._token: Any = None
         self._mode: Recorder | None = None
         if first is not None:
@@ -136,6 +139,8 @@ class Trace:
         if exc_type is not None:
             self.state = State.FAILED
             return False
+        self._save_containers()
+        self._frame = user_frame()  # whose names will hold the values
         if not self.blocking:
             self._submit()
             return False
@@ -143,6 +148,7 @@ class Trace:
             self.values = self._run(self.graph)
         except BaseException:
             self.state = State.FAILED
+            self._frame = None
             raise
         self._finish()
         return False
@@ -154,6 +160,21 @@ class Trace:
         self.state = State.DONE
         self.synced.clear()
         self.shapes = None
+        frame, self._frame = self._frame, None
+        publish(frame, self.values, self, self.containers)
+        self.containers = []
+
+    def save_container(self, container: Any) -> None:
+        """``lt.save([...])``: keep every proxy in ``container`` (also ones added to it later
+        in the block); after the trace it holds the values."""
+        if self.state is State.RECORDING:
+            self.containers.append(container)
+
+    def _save_containers(self) -> None:
+        for container in self.containers:
+            for leaf in tree.leaves(container):
+                if isinstance(leaf, Proxy) and leaf._trace is self:
+                    self.graph.save(leaf._node)
 
     def _submit(self) -> None:
         try:
