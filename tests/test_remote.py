@@ -246,6 +246,9 @@ def test_lazy_result_runs_once_when_read(handle, local_llama, llama_service):
     assert torch.equal(top_values, want.topk(5).values)
     assert torch.equal(top_indices, want.topk(5).indices)
     assert torch.equal(logits, want)
+    values = handle("Hello world").logits[0, -1].topk(3).values
+    assert values.tolist() == want.topk(3).values.tolist()  # the first use runs it...
+    assert type(values) is torch.Tensor  # ...and from then on the name holds the tensor
 
 
 def test_models_describes_what_is_served(inproc_client, socket_client, local_llama):

@@ -21,7 +21,7 @@ from ..backends.local import LocalBackend
 from ..backends.remote import RemoteBackend, connection
 from ..core.errors import TraceError
 from ..tracing.trace import Trace, current
-from .envoy import Envoy
+from .envoy import Envoy, EnvoyTree
 from .inputs import TensorInputs, TokenInputs
 
 
@@ -36,8 +36,15 @@ class Model(Envoy):
         torch.Size([2, 4])
     """
 
-    def __init__(self, module: torch.nn.Module, name: str | None = None) -> None:
-        super().__init__(module)
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        name: str | None = None,
+        *,
+        rename: dict[str, str] | None = None,
+        envoys: dict[str, type] | None = None,
+    ) -> None:
+        super().__init__(module, tree=EnvoyTree(rename, envoys))
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_inputs", TensorInputs())
 
@@ -89,17 +96,49 @@ class Model(Envoy):
     def _local_module(self) -> torch.nn.Module:
         return self._module
 
+    # -- the module's own verbs, returning the wrapper ---------------------------------------
+    def to(self, *args: Any, **kwargs: Any) -> Model:
+        """``module.to(...)``; returns this wrapper."""
+        self._module.to(*args, **kwargs)
+        return self
+
+    def cuda(self, device: Any = None) -> Model:
+        self._module.cuda(device)
+        return self
+
+    def cpu(self) -> Model:
+        self._module.cpu()
+        return self
+
+    def eval(self) -> Model:
+        self._module.eval()
+        return self
+
+    def train(self, mode: bool = True) -> Model:
+        self._module.train(mode)
+        return self
+
 
 class LanguageModel(Model):
     """A Hugging Face causal language model and its tokenizer, ready to trace.
 
+    Every loading argument takes effect or raises; none is ignored.
+
     Args:
         model: a local path or hub id, or an already built ``PreTrainedModel``.
         tokenizer: a tokenizer; by default loaded from the same path.
-        dtype: weights dtype (``torch.bfloat16`` or its name).
+        dtype: weights dtype (``torch.bfloat16`` or its name); a built model is converted.
         device_map: passed to ``from_pretrained`` (accelerate placement).
-        dispatch: load the weights now; ``False`` builds the model on the meta device and
-            loads the weights at the first run.
+        dispatch: load the weights now; ``False`` builds the model on the meta device, with the
+            same config, dtype and attention implementation, and loads the weights at the first
+            run (or :meth:`dispatch`).
+        config: a ``PretrainedConfig`` to load the model with.
+        attn_implementation: ``"eager"``, ``"sdpa"``...; passed to ``from_pretrained``.
+        tokenizer_kwargs: passed to ``AutoTokenizer.from_pretrained`` (``padding_side`` too:
+            batches are padded on the left either way, as generation needs).
+        rename: aliases, ``{"mlp": "ff", "model.layers": "layers"}`` (see :class:`Model`).
+        envoys: envoy classes by module path suffix (see :class:`Model`).
+        load_kwargs: other ``from_pretrained`` arguments (``revision``, ``trust_remote_code``).
 
     Example:
         >>> lm = LanguageModel("path/to/model")                 # doctest: +SKIP
@@ -114,28 +153,37 @@ class LanguageModel(Model):
         dtype: Any = None,
         device_map: Any = None,
         dispatch: bool = True,
+        *,
+        config: Any = None,
+        attn_implementation: str | None = None,
+        tokenizer_kwargs: dict | None = None,
+        rename: dict[str, str] | None = None,
+        envoys: dict[str, type] | None = None,
         remote: tuple[Any, str] | None = None,
         **load_kwargs: Any,
     ) -> None:
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
-        loader = {"dtype": dtype, "device_map": device_map, **load_kwargs}
+        loader = {"dtype": dtype, "device_map": device_map, "config": config,
+                  "attn_implementation": attn_implementation, **load_kwargs}  # fmt: skip
         loader = {k: v for k, v in loader.items() if v is not None}
         if isinstance(model, torch.nn.Module):
-            module, source = model, getattr(model, "name_or_path", None)
+            module, source = _built(model, loader, dispatch), getattr(model, "name_or_path", None)
         elif remote is not None:  # a served model's handle (a ModuleSpec): see Client.model
             module, source, dispatch = model, None, True
         else:
             source = str(model)
             module = _load(source, loader) if dispatch else _load_empty(source, loader)
-        super().__init__(module, name=source)
+        super().__init__(module, name=source, rename=rename, envoys=envoys)
         object.__setattr__(self, "_bound", remote)
         if tokenizer is None:
             if not source:
                 raise TraceError("pass tokenizer=... for a model that was not loaded by path")
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, **(tokenizer_kwargs or {}))
+        elif tokenizer_kwargs:
+            raise TraceError("tokenizer_kwargs apply when the tokenizer is loaded by path")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -186,6 +234,19 @@ class LanguageModel(Model):
         return self._module
 
 
+def _built(module: torch.nn.Module, loader: dict, dispatch: bool) -> torch.nn.Module:
+    """A model the user built: only ``dtype`` applies (as ``.to(dtype)``); the rest refuse."""
+    extra = sorted(set(loader) - {"dtype"})
+    if extra or not dispatch:
+        what = ", ".join(extra + ([] if dispatch else ["dispatch=False"]))
+        raise TraceError(
+            f"{what} apply when loading a model by path; this model is already built: "
+            "configure it before wrapping it, or pass its path instead"
+        )
+    dtype = loader.get("dtype")
+    return module.to(dtype) if isinstance(dtype, torch.dtype) else module
+
+
 def _load(source: str, loader: dict) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -193,8 +254,16 @@ def _load(source: str, loader: dict) -> torch.nn.Module:
 
 
 def _load_empty(source: str, loader: dict) -> torch.nn.Module:
+    """The model on the meta device, built as :func:`_load` would build it, without weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(source)
+    loader = dict(loader)
+    config = loader.pop("config", None)
+    known = {k: loader.pop(k) for k in ("revision", "trust_remote_code") if k in loader}
+    if config is None:
+        config = AutoConfig.from_pretrained(source, **known)
+    options = {k: loader[k] for k in ("dtype", "attn_implementation") if k in loader}
+    if options.get("dtype") == "auto":
+        options["dtype"] = getattr(config, "dtype", None) or torch.float32
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config).eval()
+        return AutoModelForCausalLM.from_config(config, **options, **known).eval()

@@ -405,6 +405,8 @@ class Trace:
         i = proxy._node
         if i not in self.synced:
             self.synced[i] = self._run(self.graph.prefix(i), stop_at=i)[i]
+            if self.lazy:  # a lazy result is the real thing from its first use on
+                publish(user_frame(), self.synced, self, [])
         return how(self.synced[i])
 
     def meta(self, proxy: Proxy) -> Any:

@@ -43,7 +43,7 @@ INPUT_KWARGS = frozenset(
     """input_ids attention_mask position_ids token_type_ids use_cache
     max_new_tokens min_new_tokens do_sample temperature top_k top_p num_beams
     repetition_penalty no_repeat_ngram_size length_penalty pad_token_id eos_token_id
-    bos_token_id num_return_sequences typical_p logits_to_keep""".split()
+    bos_token_id num_return_sequences typical_p logits_to_keep inputs_embeds""".split()
 )
 
 
