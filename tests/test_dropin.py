@@ -80,7 +80,7 @@ def test_unsaved_values_stay_proxies_that_say_so(llama):
         llama.output.save()
     assert isinstance(hidden, lt.Proxy)
     with pytest.raises(lt.TraceError, match="not saved"):
-        hidden.value
+        _ = hidden.value
 
 
 def test_a_non_blocking_job_publishes_on_result(llama_service, local_llama):
@@ -216,7 +216,7 @@ def test_envoy_tree_details():
     net = lt.Model(Wrapper())
     assert net["output"]._module is net._module.output  # reachable by name
     with pytest.raises(lt.TraceError, match=r"envoy\['output'\]"):
-        net.output
+        _ = net.output
     assert bool(net["output"])  # a leaf envoy is truthy
     assert net.get("output.weight") is net._module.output.weight
     replacement = torch.nn.Linear(4, 4)
