@@ -7,6 +7,10 @@
 - :class:`ServerProcess`: ``lazytensor serve`` (as ``python -m lazytensor serve``) in a
   separate Python process on loopback, stopped with SIGTERM.
 
+Every server binds port 0 and the tests read back the port it got (``App.endpoint``, or the
+process's ``serving ... on ENDPOINT`` log line), so no port is chosen first and bound later,
+when another program may have taken it.
+
 Loading a model and starting a process are the slow parts of these tests, so the fixtures
 are session-scoped and share one loaded model; every test sends its requests in turn, so no
 two workers run that model at the same time. Fixtures stop what they start, also on failure.
@@ -16,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -59,11 +63,9 @@ class Capture:
         pass
 
 
-def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+#: The line ``lazytensor serve`` logs once its socket is bound (``App._serve``); the newline
+#: makes sure the endpoint was read whole.
+SERVING = re.compile(r"serving .* on (tcp://\S+)\r?\n")
 
 
 @contextlib.contextmanager
@@ -77,9 +79,11 @@ def embedded(service: Service) -> Iterator[App]:
 
 
 class ServerProcess:
-    """``lazytensor serve`` serving one model in its own process on loopback.
+    """``lazytensor serve`` serving one model in its own process on a free loopback port.
 
     Its stdout and stderr go to ``log_path`` (a pipe nobody reads could fill up and stall it).
+    The process binds port 0; :meth:`wait_ready` reads the port it got from that log and sets
+    :attr:`address`.
 
     Args:
         model_path: directory of the model to serve (as :data:`MODEL`).
@@ -88,10 +92,9 @@ class ServerProcess:
     """
 
     def __init__(self, model_path: pathlib.Path, log_path: pathlib.Path, *extra: str) -> None:
-        self.port = free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.address: str | None = None  # known once the process logs it: wait_ready()
         self.log_path = log_path
-        argv = [str(model_path), "--name", MODEL, "--port", str(self.port), *extra]
+        argv = [str(model_path), "--name", MODEL, "--port", "0", *extra]
         self._log = open(log_path, "wb")  # closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lazytensor", "serve", *argv],
@@ -102,11 +105,17 @@ class ServerProcess:
     def wait_ready(self, api_key: str | None = None, timeout: float = 120.0) -> None:
         """Return once the server answers ``models``; raise with its output if it died."""
         deadline = time.monotonic() + timeout
+        while self.address is None:
+            self._check_alive()
+            bound = SERVING.search(self.log())
+            if bound is not None:
+                self.address = bound.group(1)
+            elif time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not bind within {timeout:g} s:\n{self.log()}")
+            else:
+                time.sleep(0.05)
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the server process exited with {self.process.returncode}:\n{self.log()}"
-                )
+            self._check_alive()
             client = Client(self.address, api_key, timeout=1.0, silence=10.0)
             try:
                 client.models()
@@ -116,6 +125,12 @@ class ServerProcess:
             finally:
                 client.close()
         raise RuntimeError(f"the server did not answer within {timeout:g} s:\n{self.log()}")
+
+    def _check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"the server process exited with {self.process.returncode}:\n{self.log()}"
+            )
 
     def log(self) -> str:
         self._log.flush()

@@ -69,6 +69,7 @@ class App:
         if signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
+        # The bound endpoint, read back by whoever started `lazytensor serve --port 0`.
         log.info("serving %s on %s", ", ".join(self.service.models), self.endpoint)
         self.bound.set()
         tasks = [
@@ -146,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the name of each model, in order (default: its folder name)",
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5555)
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=5555,
+        help="TCP port; 0 picks a free one, named by the log line 'serving MODELS on ENDPOINT'",
+    )
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: where it loads)")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16")
     parser.add_argument("--api-keys", default=None, help="file of name:key lines")
@@ -173,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         default = getattr(defaults, field)
         parser.add_argument(flag, dest=field, type=type(default), default=default)
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port} is not a TCP port: give 1-65535, or 0 for a free one")
     sources = [*args.paths, *args.model]
     if not sources:
         parser.error("name at least one model to serve")
