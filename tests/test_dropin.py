@@ -9,6 +9,7 @@ import gc
 import io
 import pickle
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -243,3 +244,73 @@ def test_a_wrapped_model_is_freed_by_reference_counting():
         assert type(saved) is torch.Tensor  # and a saved value does not keep it alive
     finally:
         gc.enable()
+
+
+# -- 7. other things a user meets ---------------------------------------------------------------
+def test_apply_calls_the_function_itself_locally(llama):
+    seen = []
+    lock = threading.Lock()  # not picklable: the function is not shipped anywhere
+
+    def norm(t):
+        with lock:
+            seen.append(tuple(t.shape))
+        return t.norm(dim=-1)
+
+    with llama.trace("Hello"):
+        h = llama.model.layers[1].output
+        norms = lt.apply(norm, h).save()
+    captured = {}
+    handle = llama._module.model.layers[1].register_forward_hook(
+        lambda m, i, o: captured.update(h=o[0] if isinstance(o, tuple) else o)
+    )
+    try:
+        logits_by_hand(llama, ["Hello"])
+    finally:
+        handle.remove()
+    assert seen == [tuple(captured["h"].shape)]  # its side effect happened here
+    torch.testing.assert_close(norms, captured["h"].norm(dim=-1), rtol=0, atol=0)
+
+
+def test_apply_runs_remotely_only_on_a_trusted_server(served_llama, local_llama):
+    from lazytensor_server.service import Service
+
+    def top(t):
+        return t[:, -1].topk(3).indices
+
+    with local_llama.trace("Hello"):
+        want = lt.apply(top, local_llama.output.logits).save()
+    service = Service([served_llama], trusted=True)
+    try:
+        with local_llama.trace("Hello", remote=in_process(service, timeout=60.0)):
+            got = lt.apply(top, local_llama.output.logits).save()
+    finally:
+        service.shutdown(grace=5.0)
+    assert torch.equal(got, want)
+
+
+def test_shape_after_a_value_reading_function_is_a_clear_error(llama):
+    with pytest.raises(lt.TraceError, match="cannot be known inside the trace.*read the shape"):
+        with llama.trace("Hello"):
+            ids = lt.apply(lambda t: torch.tensor(t.argmax(-1).tolist()), llama.output.logits)
+            _ = ids.shape
+
+
+def test_trace_false_returns_the_plain_output(llama):
+    out = llama.trace(PROMPTS, trace=False)
+    torch.testing.assert_close(out.logits, logits_by_hand(llama, PROMPTS), rtol=0, atol=0)
+    ids = llama.generate("Hello", max_new_tokens=3, do_sample=False, trace=False)
+    enc = llama.tokenizer("Hello", return_tensors="pt")
+    with torch.no_grad():
+        want = llama._module.generate(
+            **enc, max_new_tokens=3, do_sample=False, pad_token_id=llama.tokenizer.pad_token_id
+        )
+    assert torch.equal(ids, want)
+
+
+def test_a_client_with_no_server_fails_fast_naming_the_address():
+    client = lt.connect("tcp://127.0.0.1:1", connect_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(lt.RemoteTimeout, match=r"tcp://127\.0\.0\.1:1.*server running"):
+        client.models()
+    assert time.monotonic() - started < 10
+    client.close()

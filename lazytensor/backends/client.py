@@ -50,6 +50,10 @@ class Connection:
         timeout: seconds to wait for a request's result before giving up.
         silence: seconds without any reply after which the client asks again (``fetch``),
             on a fresh socket if the first ask also goes unanswered.
+        connect_timeout: seconds to wait for a server's first word on a request; without
+            one the address has no lazytensor server (a typo, a server that failed to start).
+            Once the server has answered, a long job keeps waiting (up to ``timeout``).
+            Default ``$LAZYTENSOR_CONNECT_TIMEOUT`` or 10.
     """
 
     def __init__(
@@ -60,11 +64,15 @@ class Connection:
         transport: Transport | None = None,
         timeout: float = 600.0,
         silence: float = 5.0,
+        connect_timeout: float | None = None,
     ) -> None:
         self.address = address or os.environ.get("LAZYTENSOR_SERVER") or DEFAULT_ADDRESS
         self.api_key = api_key if api_key is not None else os.environ.get("LAZYTENSOR_API_KEY")
         self.transport = transport if transport is not None else ZmqTransport(self.address)
         self.timeout, self.silence = timeout, silence
+        if connect_timeout is None:
+            connect_timeout = float(os.environ.get("LAZYTENSOR_CONNECT_TIMEOUT", "10"))
+        self.connect_timeout = connect_timeout
         self._lock = threading.Lock()
         # Replies read by one job that belong to another job still in flight on this client.
         self._mail: dict[str, list[m.Message]] = {}
@@ -155,8 +163,17 @@ class RemoteJob:
         limit = self.client.timeout if timeout is None else timeout
         started = time.monotonic()
         quiet_since, asked, shown = started, 0, False
+        heard = False  # has the server said anything about this request?
         while not self._finished():
             now = time.monotonic()
+            if not heard and now - started > self.client.connect_timeout:
+                raise RemoteTimeout(
+                    f"no answer from {self.client.address} within "
+                    f"{self.client.connect_timeout:g} s: is a lazytensor server running there? "
+                    "Check the address and port, that the server started (it logs 'serving ... "
+                    "on ...'), and the API key; raise connect_timeout= (or "
+                    "$LAZYTENSOR_CONNECT_TIMEOUT) for a slow link"
+                )
             if now - started > limit:
                 raise RemoteTimeout(
                     f"no result for request {self.id} within {limit:.0f} s (its last state: "
@@ -165,7 +182,7 @@ class RemoteJob:
             with self.client._lock:
                 got = self._pump(_SLICE)
             if got:
-                quiet_since, asked = time.monotonic(), 0
+                quiet_since, asked, heard = time.monotonic(), 0, True
             elif time.monotonic() - quiet_since > self.client.silence:
                 asked += 1
                 quiet_since = time.monotonic()

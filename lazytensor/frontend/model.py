@@ -20,6 +20,7 @@ from ..backends.base import Backend
 from ..backends.local import LocalBackend
 from ..backends.remote import RemoteBackend, connection
 from ..core.errors import TraceError
+from ..runtime.device import device_of, to_device
 from ..tracing.trace import Trace, current
 from .envoy import Envoy, EnvoyTree
 from .inputs import TensorInputs, TokenInputs
@@ -54,6 +55,7 @@ class Model(Envoy):
         strict: bool = False,
         remote: Any = False,
         blocking: bool = True,
+        trace: bool = True,
         **kwargs: Any,
     ) -> Trace:
         """Open a trace; ``args``/``kwargs`` are the forward's inputs (one implicit invoke).
@@ -62,14 +64,35 @@ class Model(Envoy):
             strict: raise instead of running the model early when a value is materialized.
             remote: run on a server: ``True`` for ``$LAZYTENSOR_SERVER``, an address such as
                 ``"tcp://host:5555"``, or a :class:`~lazytensor.client.Client`.
-            blocking: with ``remote``, ``False`` submits the graph at the end of the block and
-                returns at once; poll ``tracer.status()``, wait with ``tracer.result()``.
+            blocking: ``False`` submits the graph at the end of the block and returns at once;
+                poll ``tracer.status()``, wait with ``tracer.result()``, drop with
+                ``tracer.cancel()``.
+            trace: ``False`` runs the model on the inputs now and returns its output (no block).
 
         Returns:
-            A :class:`~lazytensor.trace.Trace` to use as a context manager.
+            A :class:`~lazytensor.tracing.trace.Trace` to use as a context manager.
         """
         first = (args, kwargs) if (args or kwargs) else None
+        if not trace:
+            return self._plain(first, remote=remote)
         return self._open(first, remote=remote, strict=strict, blocking=blocking)
+
+    def _plain(self, first: Any, *, remote: Any, generate: bool = False, **options: Any) -> Any:
+        """``trace=False``: the model's output (``generate``'s result) on these inputs."""
+        if first is None:
+            raise TraceError("trace=False runs the model on its inputs: pass them")
+        backend = self.backend(remote)
+        if not isinstance(backend, LocalBackend):  # run a trace that saves the output
+            with self._open(first, remote=remote, generate=generate, options=options) as tracer:
+                out = (tracer.result if generate else self.output).save()
+            return out
+        inputs = self._inputs
+        batch = inputs.batch([inputs.prepare(*first)], generate=generate, options=options)
+        module = self._local_module()
+        batch = to_device(batch, device_of(module))
+        if generate:
+            return module.generate(*batch.args, **batch.kwargs)
+        return module(*batch.args, **batch.kwargs)
 
     def _open(self, first: Any, *, remote: Any, **options: Any) -> Trace:
         return Trace(self, self._inputs, self.backend(remote), first, **options)
@@ -217,14 +240,18 @@ class LanguageModel(Model):
         strict: bool = False,
         remote: Any = False,
         blocking: bool = True,
+        trace: bool = True,
         **kwargs: Any,
     ) -> Trace:
         """Trace ``model.generate``: ``kwargs`` are generation options (``max_new_tokens``...).
 
         Inside, ``tracer.iter[i:j]`` selects decoding steps, ``tracer.all()`` applies to every
-        step and ``tracer.result`` is the generated ids.
+        step and ``tracer.result`` is the generated ids. ``trace=False`` generates now and
+        returns the ids.
         """
         first = (args, {}) if args else None
+        if not trace:
+            return self._plain(first, remote=remote, generate=True, **kwargs)
         return self._open(
             first, remote=remote, generate=True, options=kwargs, strict=strict, blocking=blocking
         )

@@ -45,11 +45,22 @@ def encode_graph(graph: Graph) -> dict:
 
     Each node is ``[id, op, target, args, kwargs, call, rows]``; constants stay tensors and
     become frames when the body is encoded. Sites stay on the client: they are for its errors.
+    A ``python`` node's function (``lazytensor.apply``) travels as cloudpickle bytes, which a
+    server runs only with ``--trusted-clients``.
     """
     nodes = [
-        [n.id, n.op, n.target, tuple(n.args), dict(n.kwargs), n.call, n.rows] for n in graph.nodes
+        [n.id, n.op, n.target, _shipped(n), dict(n.kwargs), n.call, n.rows] for n in graph.nodes
     ]
     return {"nodes": nodes, "saved": list(graph.saved), "constants": list(graph.constants)}
+
+
+def _shipped(node: Node) -> tuple:
+    args = tuple(node.args)
+    if node.op == "python" and args and callable(args[0]):
+        import cloudpickle  # the client's own function, sent to a server it trusts
+
+        return (cloudpickle.dumps(args[0]), *args[1:])
+    return args
 
 
 def decode_graph(data: Any, constants: Sequence[torch.Tensor] | None = None) -> Graph:

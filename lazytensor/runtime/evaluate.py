@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..core import ops, tree
-from ..core.errors import GraphError, OpNotAllowedError
+from ..core.errors import GraphError, OpNotAllowedError, TraceError
 from ..core.graph import Const, Node, Ref
 
 _SCALARS = frozenset((int, float, bool, str, type(None)))
@@ -97,7 +97,20 @@ def call_python(node: Node, args: tuple, kwargs: dict, *, trusted: bool) -> Any:
         import cloudpickle
 
         payload = cloudpickle.loads(payload)  # trusted-only by the check above
-    return payload(*rest, **kwargs)
+    try:
+        return payload(*rest, **kwargs)
+    except Exception as exc:
+        if not any(_is_fake(leaf) for leaf in tree.leaves((rest, kwargs))):
+            raise
+        raise TraceError(
+            f"the shape of what your function {node.target} returns cannot be known inside the "
+            f"trace: it reads tensor values, which a shape-only pass does not have "
+            f"({type(exc).__name__}); save its result and read the shape after the trace"
+        ) from exc
+
+
+def _is_fake(value: Any) -> bool:
+    return type(value).__name__ == "FakeTensor"
 
 
 def _readable(obj: Any, name: str) -> bool:

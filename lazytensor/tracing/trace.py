@@ -326,10 +326,16 @@ class Trace:
         """Record a call of the user's own function (see :func:`lazytensor.apply`)."""
         if self.state is State.DONE:
             return fn(*to_values(args), **to_values(kwargs))
-        import cloudpickle
-
+        self._check_recording()
+        # The function itself stays in the graph, so a local run calls it (its side effects
+        # and closure are the user's own); only a remote run ships it, as cloudpickle bytes.
         name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
-        return self.apply("python", name, (cloudpickle.dumps(fn), *args), kwargs)
+        refs: list[int] = []
+        graph_args = (fn, *to_graph(args, self, refs))
+        graph_kwargs = to_graph(kwargs, self, refs) if kwargs else {}
+        node = self.graph.add("python", name, graph_args, graph_kwargs, site=_site())
+        node._deps = tuple(sorted(set(refs)))
+        return Proxy(self, node.id)
 
     def save(self, proxy: Proxy) -> None:
         if proxy._trace is not self:
