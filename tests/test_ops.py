@@ -106,8 +106,8 @@ def test_recorded_ops_match_the_same_code_in_a_hook(tiny_mlp: TinyMLP) -> None:
     hooked(tiny_mlp, x, post=[(tiny_mlp.layer1, lambda m, a, out: seen.update(battery(out)))])
     assert got.keys() == seen.keys()
     for name, expected in seen.items():
-        assert type(got[name].value) is torch.Tensor, name
-        exact(got[name].value, expected)
+        assert type(got[name]) is torch.Tensor, name
+        exact(got[name], expected)
 
 
 def in_place(t):
@@ -133,8 +133,8 @@ def test_in_place_ops_match_the_same_code_in_a_hook(tiny_mlp: TinyMLP) -> None:
     expected = hooked(
         tiny_mlp, x, post=[(tiny_mlp.layer1, lambda m, a, out: seen.update(t=in_place(out)))]
     )
-    exact(edited.value, seen["t"])
-    exact(y.value, expected)
+    exact(edited, seen["t"])
+    exact(y, expected)
     assert not torch.equal(expected, hooked(tiny_mlp, x))
 
 
@@ -152,7 +152,7 @@ def test_factories_and_constants_are_recorded_in_the_graph(tiny_mlp: TinyMLP) ->
     expected = hooked(
         tiny_mlp, inputs(2), post=[(tiny_mlp.layer2, lambda m, a, out: patch + torch.arange(16))]
     )
-    exact(y.value, expected)
+    exact(y, expected)
 
 
 def test_torch_calls_without_proxies_run_normally_inside_a_trace(tiny_mlp: TinyMLP) -> None:
@@ -258,3 +258,120 @@ def test_operator_tables_name_allowed_functions() -> None:
         assert hasattr(torch.Tensor, dunder), dunder
         ops.check_method(method)
     assert ops.FACTORIES <= set(ops._functions())
+
+
+# -- per-op facts against ATen's schema annotations ---------------------------------------------
+#
+# ATen annotates each operator's schema with what it does to memory: ``Tensor(a!) self`` is
+# written in place, a ``Tensor(a)`` result shares memory with ``Tensor(a) self``, and
+# ``Tensor(a -> *) self`` flows into a list of results (``split``). ops.facts must agree.
+
+#: Aliasing ops that ATen's schemas do not annotate as such, and why they alias.
+UNANNOTATED_ALIASES = {
+    # They return their input itself when nothing needs to change.
+    "type_as": "x.type_as(y) is x when the dtypes match",
+    "dropout": "returns its input when not training, or when p == 0",
+    **dict.fromkeys(
+        "float double half bfloat16 int long short bool byte char".split(),
+        "Python methods (no schema) calling .to(dtype), which returns self if nothing changes",
+    ),
+    # Their tensors come in a list, which their schemas leave unannotated.
+    "cartesian_prod": "returns its input when given one tensor",
+    "broadcast_tensors": "returns views of its inputs",
+    # Python operators (no schema).
+    "getitem": "indexing is aten::select, slice... (views), except advanced indexing",
+    "pos": "+x is torch.positive, which returns its input",
+}
+
+#: ATen's name of an op whose name differs there.
+_ATEN_NAMES = {("getattr", "T"): "numpy_T", ("getattr", "H"): "matrix_H"}
+
+
+def _aten_name(op: str, target: str) -> str:
+    if target.startswith("torch.linalg."):
+        return "linalg_" + target.rpartition(".")[2]
+    return _ATEN_NAMES.get((op, target), target.rpartition(".")[2])
+
+
+def _schema_facts(op: str, target: str) -> ops.OpFacts | None:
+    """What ATen's schemas of ``op``'s overloads taking a tensor first say, or ``None``."""
+    schemas = [
+        s
+        for s in torch._C._jit_get_schemas_for_operator("aten::" + _aten_name(op, target))
+        if s.arguments and str(s.arguments[0].type) == "Tensor"
+    ]
+    if not schemas:
+        return None
+    writes = aliases = False
+    for schema in schemas:
+        first = schema.arguments[0].alias_info
+        if first is None:  # a fresh result (an ``out=`` overload aliases ``out``, not ``self``)
+            continue
+        writes |= first.is_write
+        aliases |= "*" in first.after_set or any(
+            r.alias_info is not None and r.alias_info.before_set & first.before_set
+            for r in schema.returns
+        )
+    return ops.OpFacts(writes=writes, aliases=aliases)
+
+
+def _allowed_ops() -> list[tuple[str, str]]:
+    functions = [("function", name) for name in ops._functions()]
+    methods = [("method", name) for name in ops._methods()]
+    attributes = [("getattr", name) for name in ops.TENSOR_ATTRIBUTES]
+    return sorted(functions + methods + attributes)
+
+
+def _with_schemas() -> list[tuple[tuple[str, str], ops.OpFacts]]:
+    pairs = ((op, _schema_facts(*op)) for op in _allowed_ops())
+    return [(op, aten) for op, aten in pairs if aten is not None]
+
+
+def test_enough_ops_have_aten_schemas() -> None:
+    checked = _with_schemas()
+    assert len(checked) > 600  # of 767 allowed ops
+    assert sum(aten.writes for _, aten in checked) > 45  # the in-place methods
+    assert sum(aten.aliases and not aten.writes for _, aten in checked) > 65  # the views
+
+
+def test_facts_say_an_op_writes_exactly_when_aten_says_so() -> None:
+    wrong = [
+        f"{op} {target}: ATen writes={aten.writes}, facts {ops.facts(op, target)}"
+        for (op, target), aten in _with_schemas()
+        if ops.facts(op, target).writes != aten.writes
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_facts_say_an_op_aliases_when_aten_says_so() -> None:
+    wrong = [
+        f"{op} {target}: ATen aliases, facts {ops.facts(op, target)}"
+        for (op, target), aten in _with_schemas()
+        if aten.aliases and not ops.facts(op, target).aliases
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_aliasing_op_is_annotated_or_listed_with_a_reason() -> None:
+    unexplained = []
+    for op, target in _allowed_ops():
+        aten = _schema_facts(op, target)
+        facts = ops.facts(op, target)
+        unannotated = aten is None or not aten.aliases
+        if facts.aliases and not facts.writes and unannotated:  # writes return their input
+            if target.rpartition(".")[2] not in UNANNOTATED_ALIASES:
+                unexplained.append(f"{op} {target}")
+    assert not unexplained, (
+        f"facts say these alias, ATen does not: {unexplained}; fix ops.ALIASING, or add "
+        "the name to UNANNOTATED_ALIASES with the reason"
+    )
+    for name in UNANNOTATED_ALIASES:  # the list stays true
+        aten = _schema_facts("function", name)
+        assert name in ops.ALIASING and (aten is None or not aten.aliases), name
+
+
+def test_every_aliasing_name_is_an_allowed_op() -> None:
+    bare = {name.rpartition(".")[2] for name in ops._functions()}
+    allowed = bare | ops._methods() | ops.TENSOR_ATTRIBUTES
+    assert ops.ALIASING <= allowed, sorted(ops.ALIASING - allowed)
+    assert all(ops.facts("function", name).writes for name in ops._WRITING_FUNCTIONS)

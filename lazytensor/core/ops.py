@@ -103,15 +103,16 @@ FACTORIES = frozenset(
 
 #: Names (without a ``torch.`` prefix) whose result may share memory with their first
 #: argument: views, and ops that return their input itself when nothing needs to change
-#: (``contiguous``, ``to``, ``reshape``, ``detach``). Attribute reads ``T``/``mT``/``H``/``mH``/
-#: ``real``/``imag`` are views too.
+#: (``contiguous``, ``to``, ``reshape``, ``detach``, ``conj`` of a real tensor, ``dropout`` when
+#: not training, ``cartesian_prod`` of one tensor). Attribute reads ``T``/``mT``/``H``/``mH``/
+#: ``real``/``imag`` are views too. ``tests/test_ops.py`` checks this against ATen's schemas.
 ALIASING = frozenset(
     """getitem view view_as reshape reshape_as transpose permute narrow select unsqueeze
     squeeze expand expand_as t flatten unflatten split chunk unbind diagonal movedim moveaxis
     swapaxes swapdims detach contiguous to unfold T mT H mH real imag tensor_split hsplit vsplit
-    dsplit view_as_real view_as_complex ravel broadcast_to as_strided type_as resolve_conj
-    resolve_neg positive cpu cuda float double half bfloat16 int long short bool byte char
-    diagonal""".split()
+    dsplit view_as_real view_as_complex ravel broadcast_to broadcast_tensors type_as conj
+    resolve_conj resolve_neg positive pos cpu cuda float double half bfloat16 int long short
+    bool byte char dropout cartesian_prod""".split()
 )
 
 #: Function names (fully qualified) that write into their first argument.
