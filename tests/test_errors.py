@@ -82,6 +82,26 @@ def test_a_write_that_needs_a_later_value(net: lt.Model) -> None:
     assert_no_hooks(net._module)
 
 
+def test_a_write_through_an_in_place_functional_that_needs_a_later_value(net: lt.Model) -> None:
+    # F.relu(..., inplace=True) returns its input: writing into its result writes into
+    # layer1's output, which the forward has used by the time layer3's output exists.
+    with pytest.raises(lt.GraphError) as info:
+        with net.trace(inputs(2)):
+            relu = torch.nn.functional.relu(net.layer1.output, inplace=True)
+            line = here() + 1
+            relu[:, :4] = net.layer3.output
+    assert_names_line(info.value, line, "relu[:, :4] = net.layer3.output")
+    assert "layer1.output" in str(info.value)
+
+
+def test_out_arguments_are_refused(net: lt.Model) -> None:
+    with pytest.raises(lt.TraceError, match="out= is not supported") as info:
+        with net.trace(inputs(2)):
+            line = here() + 1
+            torch.add(net.layer1.output, 1, out=net.layer1.output)
+    assert_names_line(info.value, line, "torch.add(net.layer1.output, 1, out=net.layer1.output)")
+
+
 def test_an_assignment_that_needs_a_later_value(net: lt.Model) -> None:
     with pytest.raises(lt.GraphError) as info:
         with net.trace(inputs(2)):

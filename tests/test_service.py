@@ -299,6 +299,15 @@ def test_user_functions_are_refused_unless_trusted(make_service, local_llama, st
     still_serves(peer)
 
 
+def test_out_arguments_are_refused(make_service, local_llama, still_serves):
+    peer = Peer(make_service())
+    body = request(local_llama)
+    node = nodes_where(body, "method")[0]
+    node[4] = {**node[4], "out": None}
+    peer.error(frames_of(body), "OpNotAllowedError", "out=")
+    still_serves(peer)
+
+
 @pytest.mark.parametrize(
     "path", ["model.layers.99.mlp", "model.layers.1.mlp.down_proj.weight", "model.nowhere"]
 )

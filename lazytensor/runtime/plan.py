@@ -94,9 +94,9 @@ class Plan:
             if op == "module":
                 modules.add(node.target)
             facts = ops.facts(op, node.target)
-            if facts.writes:
+            if facts.writes or node.kwargs.get("inplace") is True:  # F.relu(x, inplace=True)
                 mutating.add(i)
-            if facts.aliases:
+            if facts.aliases or i in mutating:
                 first = node.args[0] if node.args else None
                 home[i] = home[first.id] if isinstance(first, Ref) else None
             if repeating and any(d in repeating for d in deps[i]):

@@ -309,6 +309,11 @@ class Trace:
             ops.resolve_function(target)
         elif op == "method":
             ops.check_method(target)
+        if kwargs and "out" in kwargs:
+            raise TraceError(
+                f"out= is not supported inside a trace (at {_site()}): it writes into a tensor "
+                "behind the graph's back; assign the result instead, e.g. `y[:] = torch.add(a, b)`"
+            )
         refs: list[int] = []
         graph_args = to_graph(args, self, refs)
         graph_kwargs = to_graph(kwargs, self, refs) if kwargs else {}

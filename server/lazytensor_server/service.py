@@ -324,6 +324,8 @@ def _check_node(node: Node, served: ServedModel, trusted: bool) -> None:
     if node.is_point or node.op == "module":
         if node.target not in served.paths:
             raise AttributeError(f"the model {served.name!r} has no module {node.target!r}")
+    elif "out" in node.kwargs:
+        raise OpNotAllowedError(f"{node.target} with out= is refused: it writes behind the graph")
     elif node.op == "function":
         ops.resolve_function(node.target)
     elif node.op == "method":
