@@ -38,7 +38,7 @@ def force(model, remote, neurons: dict[int, list[int]], value: float, blocking: 
 
 def local_force(local_llama, neurons, value) -> torch.Tensor:
     _, logits = force(local_llama, False, neurons, value)
-    return logits.value
+    return logits
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +90,9 @@ def test_neuron_forcing_remote_equals_local(client, local_llama):
     want = local_force(local_llama, neurons, 5.0)
     assert not torch.equal(want[N:], want[:N])  # the forcing changes the prediction
     _, got = force(local_llama, client, neurons, 5.0)
-    assert torch.equal(got.value, want)
+    assert torch.equal(got, want)
     _, got = force(client.model(MODEL), False, neurons, 5.0)  # the remote handle
-    assert torch.equal(got.value, want)
+    assert torch.equal(got, want)
 
 
 def test_invalid_or_missing_key_is_refused(server, local_llama):
@@ -168,7 +168,7 @@ def test_eight_clients_in_parallel_each_get_their_own_results(server, local_llam
             start.wait(30)
             for j, (neurons, value) in enumerate(interventions(i)):
                 _, logits = force(model, False, neurons, value)
-                got[i, j] = logits.value
+                got[i, j] = logits
         except BaseException as exc:  # reported by the main thread
             failures.append(exc)
         finally:
@@ -204,7 +204,7 @@ def test_the_server_refuses_a_bad_frame_and_goes_on(client, local_llama):
     assert reply.body["id"] == "v2"
     neurons = {3: [1]}
     _, got = force(local_llama, client, neurons, 2.0)
-    assert torch.equal(got.value, local_force(local_llama, neurons, 2.0))
+    assert torch.equal(got, local_force(local_llama, neurons, 2.0))
 
 
 def test_sigterm_shuts_down_cleanly(server, local_llama):
@@ -226,7 +226,7 @@ def test_sigterm_shuts_down_cleanly(server, local_llama):
             except RuntimeError as exc:
                 assert "shut down" in str(exc)
             else:
-                assert torch.equal(logits.value, want)
+                assert torch.equal(logits, want)
         assert server.process.wait(10) == 0
     finally:
         client.close()
