@@ -16,7 +16,7 @@ Everything else is a leaf.
 
 >>> from collections import namedtuple
 >>> Pair = namedtuple("Pair", "a b")
->>> map(lambda x: x * 10, {"p": Pair(1, [2, 3]), "s": slice(4, None)})
+>>> map(lambda x: None if x is None else x * 10, {"p": Pair(1, [2, 3]), "s": slice(4, None)})
 {'p': Pair(a=10, b=[20, 30]), 's': slice(40, None, None)}
 >>> list(leaves((1, [2, {"k": 3}])))
 [1, 2, 3]
@@ -69,13 +69,17 @@ def rebuild(like: Any, items: list[Any]) -> Any:
         return kind(items)
     if isinstance(like, dict):
         fields = dict(zip(like, items))
-        try:  # ModelOutput and other dataclass-like mappings
-            return kind(**fields)
-        except TypeError:
-            new = copy.copy(like)  # mappings with their own state (e.g. a codec Record)
-            new.clear()
-            new.update(fields)
-            return new
+        if hasattr(kind, "__dataclass_fields__"):  # ModelOutput: its fields are its arguments
+            try:
+                return kind(**fields)
+            except TypeError:
+                pass
+        # Other mappings are copied, keeping their own state: a codec Record's class name (even
+        # with a field called "cls_name"), a defaultdict's factory.
+        new = copy.copy(like)
+        new.clear()
+        new.update(fields)
+        return new
     raise TypeError(f"{kind.__name__} is not a container")
 
 

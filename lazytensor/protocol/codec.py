@@ -155,8 +155,8 @@ def _tensor_from_frame(spec: Any, view: memoryview, index: int) -> torch.Tensor:
         raise _malformed(f"{what}'s dtype", name, f"one of {', '.join(DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_RANK:
         raise _malformed(f"{what}'s shape", shape, f"a list of at most {MAX_RANK} sizes")
-    if not all(_is_int(d) and d >= 0 for d in shape):
-        raise _malformed(f"{what}'s shape", shape, "non-negative int sizes")
+    if not all(_is_int(d) and d >= 0 for d in shape) or _strides_overflow(shape):
+        raise _malformed(f"{what}'s shape", shape, "non-negative int sizes, strides in int64")
     dtype = DTYPES[name]
     expected = math.prod(shape) * dtype.itemsize
     if nbytes != expected or len(view) != expected:
@@ -171,6 +171,12 @@ def _tensor_from_frame(spec: Any, view: memoryview, index: int) -> torch.Tensor:
     if dtype == torch.bool and expected and int(out.max()) > 1:
         raise _malformed(f"{what}'s bool data", "a byte > 1", "only 0 and 1")
     return out.view(dtype).reshape(shape)
+
+
+def _strides_overflow(shape: list[int]) -> bool:
+    """Whether torch would overflow int64 laying out ``shape`` (an empty tensor's other sizes
+    still count: ``[0, 2**63]`` holds no bytes, yet torch cannot make it)."""
+    return math.prod(max(d, 1) for d in shape) >= 2**63
 
 
 def _adopt(view: memoryview) -> torch.Tensor | None:

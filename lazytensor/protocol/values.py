@@ -113,8 +113,15 @@ class _Encoder:
         if isinstance(v, tuple):
             items = [self.value(x, depth + 1) for x in v]
             fields = getattr(type(v), "__match_args__", None)  # namedtuple, torch.return_types
-            if type(v) is not tuple and fields and len(fields) == len(v):
-                return _ext(NAMED, [type(v).__name__, list(fields), items])
+            if type(v) is not tuple and fields is not None and len(fields) == len(v):
+                payload = [type(v).__name__, list(fields), items]
+                if not _is_named(payload):
+                    raise TypeError(
+                        f"cannot send named tuple {type(v).__name__}{fields}: the wire carries at "
+                        f"most {_MAX_FIELDS} fields named by identifiers that do not start with "
+                        "'_'; send it as a plain tuple or rename its fields"
+                    )
+                return _ext(NAMED, payload)
             return _ext(TUPLE, items)
         if isinstance(v, list):
             return [self.value(x, depth + 1) for x in v]
@@ -244,7 +251,7 @@ class _Decoder:
             return DTYPES[p]
         if code == DEVICE:
             return _device(p)
-        if code == SIZE and isinstance(p, list) and all(map(_is_int, p)):
+        if code == SIZE and isinstance(p, list) and all(map(_is_int64, p)):
             return torch.Size(p)
         if code == TENSOR and _is_int(p) and 0 <= p < len(self.tensors):
             return self.tensors[p]
@@ -260,23 +267,22 @@ class _Decoder:
 
 
 def _is_named(p: Any) -> bool:
-    """``[name, fields, items]`` with plain identifiers only: they become a namedtuple class."""
+    """``[name, fields, items]`` with plain identifiers only: they become a namedtuple class
+    (whose name may start with ``_``, as a private ``_Pair`` does; its fields may not)."""
     if not (isinstance(p, list) and len(p) == 3 and isinstance(p[1], list)):
         return False
     name, fields, items = p
-    names = [name, *fields]
     return (
         isinstance(items, list)
         and len(fields) == len(items) <= _MAX_FIELDS
+        and _is_identifier(name)
+        and all(_is_identifier(f) and not f.startswith("_") for f in fields)
         and len(set(fields)) == len(fields)
-        and all(
-            isinstance(n, str)
-            and n.isidentifier()
-            and not n.startswith("_")
-            and not keyword.iskeyword(n)
-            for n in names
-        )
     )
+
+
+def _is_identifier(name: Any) -> bool:
+    return isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
 
 
 @functools.lru_cache(maxsize=256)
@@ -298,9 +304,12 @@ def _device(p: Any) -> torch.device:
     if isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and p[0].isidentifier():
         if p[1] is None or (_is_int(p[1]) and 0 <= p[1] < 2**16):
             try:
-                return torch.device(p[0], p[1])
+                device = torch.device(p[0], p[1])
             except RuntimeError:
                 pass
+            else:
+                if device.index == p[1]:  # torch wraps an index past its int8 range
+                    return device
     raise _malformed("a device", p, "[type, index or None] naming a torch device type")
 
 
@@ -324,6 +333,10 @@ def _malformed(what: str, got: Any, expected: str) -> ProtocolError:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_int64(v: Any) -> bool:
+    return _is_int(v) and -(2**63) <= v < 2**63
 
 
 def _is_str(v: Any) -> bool:
