@@ -136,7 +136,7 @@ def test_a_client_that_disconnects_gets_its_result_on_a_new_connection(server, c
         assert time.monotonic() < deadline, "the abandoned request never ran"
         time.sleep(0.05)
     # A new connection asks for it by id and gets the kept result, without a second run.
-    job = RemoteJob(client, messages.Fetch(request_id, client.api_key), None)
+    job = RemoteJob(client, messages.Fetch(request_id, client.token), None)
     job.send()
     values = job.result()
     assert torch.equal(values[logits._node], want)

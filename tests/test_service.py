@@ -38,10 +38,14 @@ def record(model):
     return logits[:, -1].softmax(-1).save()  # method node: softmax
 
 
+#: The token the test client sends as its key on an open server: it owns the client's results.
+TOKEN = "test-client-token"
+
+
 def request(model, key=None, generate=None, build=record) -> dict:
     """The body a client sends to run ``build`` on ``PROMPTS`` (a fresh id each time)."""
     capture = Capture()
-    client = Client("capture", key, transport=capture)
+    client = Client("capture", TOKEN if key is None else key, transport=capture)
     if generate is None:
         trace = model.trace(PROMPTS, remote=client, blocking=False)
     else:
@@ -452,7 +456,7 @@ def test_fetch_returns_the_kept_result(make_service, local_llama, expected):
     assert peer.answer().kind == "result"
     count = service.workers[MODEL].served_count
     other = Peer(service)  # e.g. the same client, reconnected with a new identity
-    other.send(frames_of({"id": body["id"], "key": None}, kind="fetch"))
+    other.send(frames_of({"id": body["id"], "key": body["key"]}, kind="fetch"))
     reply = other.answer()
     assert reply.kind == "result"
     (saved,) = body["graph"]["saved"]
@@ -474,7 +478,7 @@ def test_results_expire(make_service, local_llama, still_serves):
     # came it has passed for the result too, however slowly this machine runs: no race.
     time.sleep(ttl + 0.1)
     reply = peer.error(
-        frames_of({"id": body["id"], "key": None}, kind="fetch"),
+        frames_of({"id": body["id"], "key": TOKEN}, kind="fetch"),
         "UnknownRequest",
         f"no request {body['id']!r} is running or kept",
         "kept 0.2 s",
@@ -492,7 +496,63 @@ def test_kept_results_are_bounded(make_service, local_llama):
         peer.send(frames_of(body))
         assert peer.answer().kind == "result"
         ids.append(body["id"])
-    peer.error(frames_of({"id": ids[0], "key": None}, kind="fetch"), "UnknownRequest")
+    peer.error(frames_of({"id": ids[0], "key": TOKEN}, kind="fetch"), "UnknownRequest")
     for kept in ids[1:]:
-        peer.send(frames_of({"id": kept, "key": None}, kind="fetch"))
+        peer.send(frames_of({"id": kept, "key": TOKEN}, kind="fetch"))
         assert peer.answer().kind == "result"
+
+
+# -- isolation between users --------------------------------------------------------------------
+def _run_as(peer: Peer, local_llama, key: str) -> dict:
+    body = request(local_llama, key=key)
+    peer.send(frames_of(body))
+    assert peer.answer(body["id"]).kind == "result"
+    return body
+
+
+def test_results_belong_to_their_key(make_service, local_llama, expected):
+    service = make_service(keys=Keys({"alice-key": "alice", "bob-key": "bob"}))
+    alice, bob = Peer(service), Peer(service)
+    body = _run_as(alice, local_llama, "alice-key")
+    (saved,) = body["graph"]["saved"]
+    steal = {"id": body["id"], "key": "bob-key"}
+    bob.error(frames_of(steal, kind="fetch"), "UnknownRequest")  # not even told it exists
+    bob.send(frames_of(steal, kind="ack"))  # an ack of someone else's id drops nothing
+    bob.send(frames_of(steal, kind="cancel"))
+    # bob replays alice's id with his own graph: it runs his graph, never returns her values
+    own = request(local_llama, key="bob-key", build=lambda lm: lm.output.logits.save())
+    own["id"] = body["id"]
+    bob.send(frames_of(own))
+    reply = bob.answer(body["id"])
+    assert reply.kind == "result" and list(reply.body["values"]) == own["graph"]["saved"]
+    alice.send(frames_of({"id": body["id"], "key": "alice-key"}, kind="fetch"))
+    mine = alice.answer(body["id"])
+    assert torch.equal(mine.body["values"][saved], expected)
+
+
+def test_kept_results_are_bounded_per_user(make_service, local_llama):
+    service = make_service(keep=2, keys=Keys({"alice-key": "alice", "bob-key": "bob"}))
+    alice, bob = Peer(service), Peer(service)
+    body = _run_as(alice, local_llama, "alice-key")
+    for _ in range(4):  # bob's many requests evict only bob's own results
+        _run_as(bob, local_llama, "bob-key")
+    alice.send(frames_of({"id": body["id"], "key": "alice-key"}, kind="fetch"))
+    assert alice.answer(body["id"]).kind == "result"
+
+
+def test_uninitialized_memory_never_reaches_a_client(inproc_client, local_llama):
+    with local_llama.trace("Hello world", remote=inproc_client):
+        local_llama.output.logits.save()  # leaves freed memory behind on the server
+    with local_llama.trace("Hello world", remote=inproc_client):
+        empty = torch.empty(65536).save()
+        like = torch.empty_like(local_llama.output.logits).save()
+        new = local_llama.output.logits.new_empty(3, 4096).save()
+    for value in (empty, like, new):
+        assert not value.any(), "an op handed out memory it did not write"
+
+
+def test_a_key_may_contain_a_hash(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# operators' keys\nalice:abc#def\n")
+    keys = Keys.from_file(path)
+    assert keys.name_of("abc#def") == "alice" and keys.name_of("abc") is None

@@ -17,6 +17,7 @@ no job holds it while it waits, and replies read by one job for another are kept
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import threading
 import time
@@ -45,7 +46,9 @@ class Connection:
 
     Args:
         address: ``tcp://host:port``; default ``$LAZYTENSOR_SERVER`` or ``tcp://127.0.0.1:5555``.
-        api_key: default ``$LAZYTENSOR_API_KEY``.
+        api_key: default ``$LAZYTENSOR_API_KEY``. Without one, the client sends a random token
+            of its own instead, which an open server uses to keep this client's results apart
+            from everyone else's (and to find them again after a reconnect).
         transport: use this transport instead of a ZeroMQ socket (tests, embedding).
         timeout: seconds to wait for a request's result before giving up.
         silence: seconds without any reply after which the client asks again (``fetch``),
@@ -68,6 +71,7 @@ class Connection:
     ) -> None:
         self.address = address or os.environ.get("LAZYTENSOR_SERVER") or DEFAULT_ADDRESS
         self.api_key = api_key if api_key is not None else os.environ.get("LAZYTENSOR_API_KEY")
+        self.token = self.api_key or secrets.token_hex(16)  # what requests carry as their key
         self.transport = transport if transport is not None else ZmqTransport(self.address)
         self.timeout, self.silence = timeout, silence
         if connect_timeout is None:
@@ -80,17 +84,17 @@ class Connection:
     # -- public API ---------------------------------------------------------------------------
     def models(self) -> list[dict]:
         """What the server serves: name, parameter count, dtype, device, queue length."""
-        return self.call(m.ListModels(_new_id(), self.api_key)).models
+        return self.call(m.ListModels(_new_id(), self.token)).models
 
     def describe(self, name: str) -> m.Description:
         """A served model's module tree and tokenizer, as data."""
-        return self.call(m.Describe(_new_id(), self.api_key, name))
+        return self.call(m.Describe(_new_id(), self.token, name))
 
     def submit(self, model: str, request: RunRequest) -> RemoteJob:
         """Send a run of ``request`` on the server's ``model``; returns its job at once."""
         run = m.Run(
             _new_id(),
-            self.api_key,
+            self.token,
             model,
             request.graph,
             request.batch,
@@ -148,14 +152,20 @@ class RemoteJob:
         return values
 
     def cancel(self) -> bool:
-        """Ask the server to drop the job if it has not started; whether it was dropped."""
-        if self._finished():
+        """Ask the server to drop the job if it has not started; whether it was dropped.
+
+        Returns once the server answers: the job dropped, started or done (a server drops a
+        job silently only if it never had it: then after ``silence`` seconds, ``False``).
+        """
+        if self._finished() or self.status() is JobState.RUNNING:
             return False
-        self.client.send(m.Cancel(self.id, self.client.api_key))
-        try:
-            self.wait()
-        except Exception:
-            pass
+        self.client.send(m.Cancel(self.id, self.client.token))
+        end = time.monotonic() + self.client.silence
+        while not self._finished() and self.state is not JobState.RUNNING:
+            if time.monotonic() > end:
+                break
+            with self.client._lock:
+                self._pump(_SLICE)
         return self.state is JobState.CANCELLED
 
     def wait(self, timeout: float | None = None) -> Any:
@@ -163,7 +173,7 @@ class RemoteJob:
         limit = self.client.timeout if timeout is None else timeout
         started = time.monotonic()
         quiet_since, asked, shown = started, 0, False
-        heard = False  # has the server said anything about this request?
+        heard = self.state is not JobState.SENT  # has the server said anything about it?
         while not self._finished():
             now = time.monotonic()
             if not heard and now - started > self.client.connect_timeout:
@@ -194,7 +204,7 @@ class RemoteJob:
         if self._error is not None:
             raise self._error
         if isinstance(self.request, m.Run):  # the server may forget the result now
-            self.client.send(m.Ack(self.id, self.client.api_key))
+            self.client.send(m.Ack(self.id, self.client.token))
         return self._reply
 
     def _finished(self) -> bool:
@@ -206,7 +216,7 @@ class RemoteJob:
             if reconnect:
                 self.client.transport.reconnect()
         if isinstance(self.request, m.Run):
-            self.client.send(m.Fetch(self.id, self.client.api_key))
+            self.client.send(m.Fetch(self.id, self.client.token))
         else:
             self.client.send(self.request)
 

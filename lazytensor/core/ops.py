@@ -200,6 +200,22 @@ def resolve_function(name: str) -> Callable[..., Any]:
     return fn
 
 
+#: Ops that return uninitialized memory run as their zero-filled twins: memory another run (on
+#: a server, another user's) freed must never reach a client. Same shapes, dtypes and devices.
+_ZEROED_FUNCTIONS = {"torch.empty": "torch.zeros", "torch.empty_like": "torch.zeros_like"}
+_ZEROED_METHODS = {"new_empty": "new_zeros"}
+
+
+def runnable_function(name: str) -> Callable[..., Any]:
+    """What a replay calls for the allow-listed function ``name`` (see ``_ZEROED_FUNCTIONS``)."""
+    return resolve_function(_ZEROED_FUNCTIONS.get(name, name))
+
+
+def runnable_method(name: str) -> str:
+    """The tensor method a replay calls for the allow-listed method ``name``."""
+    return _ZEROED_METHODS.get(check_method(name), name)
+
+
 def function_name(fn: Callable[..., Any]) -> str:
     """The allow-listed name of ``fn`` (the reverse of :func:`resolve_function`)."""
     name = _names_by_function().get(id(fn))

@@ -60,7 +60,7 @@ def evaluate(
 
 
 def call_function(node: Node, args: tuple, kwargs: dict) -> Any:
-    return ops.resolve_function(node.target)(*args, **kwargs)
+    return ops.runnable_function(node.target)(*args, **kwargs)
 
 
 def call_method(node: Node, args: tuple, kwargs: dict) -> Any:
@@ -70,7 +70,7 @@ def call_method(node: Node, args: tuple, kwargs: dict) -> Any:
             f".{node.target}() was called on a {type(obj).__name__}; in a trace, methods "
             "can be called on tensors only"
         )
-    return getattr(obj, ops.check_method(node.target))(*rest, **kwargs)
+    return getattr(obj, ops.runnable_method(node.target))(*rest, **kwargs)
 
 
 def read_attribute(node: Node, obj: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Auth: API keys, read from a file of ``name:key`` lines (``#`` starts a comment)."""
+"""Auth: API keys, read from a file of ``name:key`` lines (a line starting ``#`` is a comment)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,19 @@ class Keys:
     def from_file(cls, path: str | Path) -> Keys:
         keys: dict[str, str] = {}
         for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
+            line = raw.strip()
+            if not line or line.startswith("#"):  # a key may contain '#': comments are lines
                 continue
             name, sep, key = line.partition(":")
             if not sep or not name.strip() or not key.strip():
                 raise ValueError(f"{path}:{number}: expected 'name:key', got {raw!r}")
             keys[key.strip()] = name.strip()
         return cls(keys)
+
+    @property
+    def open(self) -> bool:
+        """Whether this server takes requests without a key (loopback use only)."""
+        return self._keys is None
 
     def name_of(self, key: object) -> str | None:
         """The key's name, ``"anonymous"`` on an open server, ``None`` if refused."""

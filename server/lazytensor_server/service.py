@@ -8,8 +8,11 @@ allow-list and every module path against the served model. Requests are matched 
 message class. A bad request gets a ``Failure`` reply and changes nothing; the service keeps
 serving.
 
-Finished results are kept (bounded, with a time-to-live) under their request id, so a client
-that lost its connection asks again (``fetch``) and gets the result instead of a second run.
+Every request belongs to its *owner*: the API key's name, or on an open server the client's
+own random token (or its connection). Finished results are kept per owner
+(:class:`~.results.Results`: bounded per owner, with a time-to-live), so a client that lost its
+connection asks again (``fetch``) and gets the result instead of a second run; no other user
+can fetch, acknowledge, cancel or even see a request that is not theirs.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +34,7 @@ from lazytensor.protocol import messages as m
 from .auth import Keys
 from .limits import Limits, check
 from .registry import ServedModel
+from .results import Results, Slot
 from .worker import Job, Worker
 
 log = logging.getLogger("lazytensor.server")
@@ -78,11 +81,10 @@ class Service:
         self.models = {m.name: m for m in models}
         self.wire_limits = codec.Limits(max_total_bytes=self.limits.max_request_bytes)
         self.workers = {m.name: Worker(m, self.limits, self._done, trusted=trusted) for m in models}
-        self.keep, self.keep_bytes, self.ttl = keep, keep_bytes, ttl
-        self.kept_bytes = 0
-        self.finished: OrderedDict[str, tuple[float, list, int]] = OrderedDict()
-        self.running: dict[str, Job] = {}
-        self.peers: dict[str, tuple[Any, Reply]] = {}
+        self.ttl = ttl
+        self.results = Results(keep, keep_bytes, ttl)
+        self.running: dict[Slot, Job] = {}
+        self.peers: dict[Slot, tuple[Any, Reply]] = {}
         self.closing = False
         self._lock = threading.Lock()
 
@@ -100,18 +102,20 @@ class Service:
                     "invalid or missing API key: pass api_key=... to "
                     "lazytensor.connect or set LAZYTENSOR_API_KEY"
                 )
+            owner = self._owner(peer, request, key_name)
             if isinstance(request, m.ListModels):
                 self._models(peer, reply, request)
             elif isinstance(request, m.Describe):
                 self._describe(peer, reply, request)
             elif isinstance(request, m.Run):
-                self._run(peer, reply, request, key_name, size)
+                self._run(peer, reply, request, owner, size)
             elif isinstance(request, m.Fetch):
-                self._fetch(peer, reply, request, key_name, size)
+                self._fetch(peer, reply, request, owner, size)
             elif isinstance(request, m.Ack):
-                self._ack(request)
+                with self._lock:
+                    self.results.pop((owner, request.id))
             elif isinstance(request, m.Cancel):
-                self._cancel(request)
+                self._cancel((owner, request.id))
         except Exception as exc:  # every bad request is answered, none crashes the server
             if request_id is None:  # so the error reaches a client waiting on that id
                 request_id = _peek_id(frames, self.wire_limits.max_header_bytes)
@@ -129,15 +133,21 @@ class Service:
         served = self._model(request.model)
         reply(peer, m.encode(m.Description(request.id, **served.description())))
 
-    def _run(self, peer: Any, reply: Reply, request: m.Run, key_name: str, size: int) -> None:
+    def _owner(self, peer: Any, request: m.Request, key_name: str) -> Any:
+        """Whose request this is: the key's name; on an open server the client's token."""
+        if not self.keys.open:
+            return ("key", key_name)
+        return ("token", request.key) if request.key else ("peer", peer)
+
+    def _run(self, peer: Any, reply: Reply, request: m.Run, owner: Any, size: int) -> None:
         request_id = request.id
         if request_id is None:
             raise ProtocolError("a run request needs a string 'id'")
+        slot = (owner, request_id)
         with self._lock:
-            self._expire()
-            known = request_id in self.finished or request_id in self.running
+            known = self.results.get(slot) is not None or slot in self.running
         if known:  # a retry: never run a job twice (_resend takes the lock itself)
-            self._resend(peer, reply, request_id)
+            self._resend(peer, reply, slot)
             return
         if self.closing:
             raise RuntimeError(
@@ -145,27 +155,26 @@ class Service:
                 "retry against another server or later"
             )
         served = self._model(request.model)
-        job = self._job(request, key_name, served, size)
+        job = self._job(request, owner, served, size)
         worker = self.workers[served.name]
         with self._lock:
-            self.running[request_id] = job
-            self.peers[request_id] = (peer, reply)
+            self.running[slot] = job
+            self.peers[slot] = (peer, reply)
         reply(peer, m.encode(m.Status(request_id, "received")))
         position = worker.waiting()  # told before the worker can say "running"
         reply(peer, m.encode(m.Status(request_id, "queued", position)))
         worker.submit(job)
 
-    def _fetch(self, peer: Any, reply: Reply, request: m.Fetch, key_name: str, size: int) -> None:
-        request_id = request.id
+    def _fetch(self, peer: Any, reply: Reply, request: m.Fetch, owner: Any, size: int) -> None:
+        slot = (owner, request.id)
         with self._lock:
-            self._expire()
-            known = request_id in self.finished or request_id in self.running
+            known = self.results.get(slot) is not None or slot in self.running
         if known:
-            self._resend(peer, reply, request_id)
+            self._resend(peer, reply, slot)
         elif request.request is not None:
-            self._run(peer, reply, request.request, key_name, size)
+            self._run(peer, reply, request.request, owner, size)
         else:
-            raise self._unknown(request_id)
+            raise self._unknown(request.id)
 
     def _unknown(self, request_id: Any) -> UnknownRequest:
         return UnknownRequest(
@@ -173,18 +182,18 @@ class Service:
             f"(results are kept {self.ttl:g} s); send it again"
         )
 
-    def _resend(self, peer: Any, reply: Reply, request_id: str) -> None:
+    def _resend(self, peer: Any, reply: Reply, slot: Slot) -> None:
         with self._lock:
-            self._expire()
-            if request_id in self.finished:
-                reply(peer, self.finished[request_id][1])
+            frames = self.results.get(slot)
+            if frames is not None:
+                reply(peer, frames)
                 return
-            job = self.running.get(request_id)
+            job = self.running.get(slot)
             if job is None:  # its result expired since the caller looked
-                raise self._unknown(request_id)
-            self.peers[request_id] = (peer, reply)
+                raise self._unknown(slot[1])
+            self.peers[slot] = (peer, reply)
         state = "running" if job.started else "queued"
-        reply(peer, m.encode(m.Status(request_id, state)))
+        reply(peer, m.encode(m.Status(slot[1], state)))
 
     # -- checks ---------------------------------------------------------------------------------
     def _model(self, name: Any) -> ServedModel:
@@ -196,21 +205,22 @@ class Service:
             f"this server does not serve a model {name!r}; it serves: {', '.join(self.models)}"
         )
 
-    def _job(self, request: m.Run, key_name: str, served: ServedModel, size: int) -> Job:
+    def _job(self, request: m.Run, owner: Any, served: ServedModel, size: int) -> Job:
         limits = self.limits  # request bytes were checked in handle, before decoding
         graph = request.graph
         check("graph nodes", len(graph.nodes), limits.max_nodes, "--max-nodes")
         _check_graph(graph, served, self.trusted)
         batch = _batch(request.batch, limits)
         return Job(
-            request.id, key_name, served.name, graph, batch, request.stop_at, request.fake, size
+            request.id, owner, served.name, graph, batch, request.stop_at, request.fake, size
         )
 
     # -- outcomes -------------------------------------------------------------------------------
     def _done(self, job: Job, message: m.Message) -> None:
         """Called by a worker: a status, or the job's result or failure."""
+        slot = (job.owner, job.id)
         if isinstance(message, m.Status):
-            self._send(job.id, message)
+            self._send(slot, message)
             return
         try:
             frames = m.encode(message)
@@ -221,16 +231,14 @@ class Service:
             frames = m.encode(message)
         size = _size(frames)
         with self._lock:
-            self.running.pop(job.id, None)
-            self.finished[job.id] = (time.monotonic(), frames, size)
-            self.kept_bytes += size
-            self._expire()
-            peer, reply = self.peers.pop(job.id, (None, None))
+            self.running.pop(slot, None)
+            self.results.put(slot, frames, size)
+            peer, reply = self.peers.pop(slot, (None, None))
         now = time.monotonic()
         log.info(
             "request %s key=%s model=%s nodes=%d in=%dB out=%dB wait=%.1fms run=%.1fms %s",
             job.id[:12],
-            job.key_name,
+            _owner_name(job.owner),
             job.model,
             len(job.graph.nodes),
             job.bytes_in,
@@ -242,34 +250,16 @@ class Service:
         if reply is not None:
             reply(peer, frames)
 
-    def _send(self, request_id: str, message: m.Message) -> None:
+    def _send(self, slot: Slot, message: m.Message) -> None:
         with self._lock:
-            peer, reply = self.peers.get(request_id, (None, None))
+            peer, reply = self.peers.get(slot, (None, None))
         if reply is not None:
             reply(peer, m.encode(message))
 
-    def _expire(self) -> None:
-        """Drop kept results past their time-to-live or over the count and byte budgets."""
-        now = time.monotonic()
-        while self.finished:
-            oldest, (stamp, _, size) = next(iter(self.finished.items()))
-            within = len(self.finished) <= self.keep and self.kept_bytes <= self.keep_bytes
-            if within and now - stamp < self.ttl:
-                break
-            self.finished.pop(oldest)
-            self.kept_bytes -= size
-
-    def _ack(self, request: m.Ack) -> None:
-        """The client has its result: stop keeping it (no reply)."""
+    def _cancel(self, slot: Slot) -> None:
+        """Drop the owner's job if it has not started; it fails with a "cancelled" error."""
         with self._lock:
-            kept = self.finished.pop(request.id, None)
-            if kept is not None:
-                self.kept_bytes -= kept[2]
-
-    def _cancel(self, request: m.Cancel) -> None:
-        """Drop a job that has not started; it fails with a "cancelled" error."""
-        with self._lock:
-            job = self.running.get(request.id)
+            job = self.running.get(slot)
         if job is not None and self.workers[job.model].cancel(job):
             self._done(job, m.Failure(job.id, {**_CANCELLED, "cancelled": True}))
 
@@ -285,6 +275,12 @@ class Service:
 
 
 _CANCELLED = {"type": "RemoteError", "message": "the request was cancelled before it ran"}
+
+
+def _owner_name(owner: Any) -> str:
+    """An owner as the log shows it: a key's name, never a client's token."""
+    kind, who = owner
+    return str(who) if kind == "key" else "anonymous"
 
 
 def _size(frames: list) -> int:

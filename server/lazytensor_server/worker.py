@@ -37,7 +37,7 @@ class Job:
     """One accepted ``run`` request."""
 
     id: str
-    key_name: str
+    owner: Any  # whose request: see Service._owner
     model: str
     graph: Graph
     batch: Batch
