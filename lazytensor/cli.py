@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 #: Whether ``lazytensor demo`` runs remotely (through an embedded server) unless ``--local``
@@ -20,6 +21,11 @@ DEMO_REMOTE_BY_DEFAULT = True
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the chosen subcommand."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # the server parses its own options, in any order, and --help
+        from lazytensor_server.app import main as serve  # the client never imports the server
+
+        raise SystemExit(serve(argv[1:]))
     args = _parser().parse_args(argv)
     args.run(args)
 
@@ -41,21 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--local", action="store_true", help="run in this process, without a server")
     demo.set_defaults(run=_demo)
 
-    serve = commands.add_parser(
+    commands.add_parser(  # listed in --help; main() hands its arguments to the server
         "serve",
         help="serve models to lazytensor clients over ZeroMQ (see `lazytensor serve --help`)",
         add_help=False,
     )
-    serve.add_argument("rest", nargs=argparse.REMAINDER)
-    serve.set_defaults(run=_serve)
 
     return parser
-
-
-def _serve(args: argparse.Namespace) -> None:
-    from lazytensor_server.app import main as serve  # the client never imports the server
-
-    raise SystemExit(serve(args.rest))
 
 
 def _demo(args: argparse.Namespace) -> None:

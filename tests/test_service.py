@@ -556,3 +556,24 @@ def test_a_key_may_contain_a_hash(tmp_path):
     path.write_text("# operators' keys\nalice:abc#def\n")
     keys = Keys.from_file(path)
     assert keys.name_of("abc#def") == "alice" and keys.name_of("abc") is None
+
+
+def test_models_does_not_reveal_paths(inproc_client, llama_path):
+    (info,) = inproc_client.models()
+    assert str(llama_path) not in repr(info)
+
+
+def test_serve_help_and_options_in_any_order():
+    import subprocess
+    import sys
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "lazytensor", "serve", "--help"], capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "--max-seconds" in shown.stdout
+    wrong = subprocess.run(
+        [sys.executable, "-m", "lazytensor", "serve", "--port", "0", "--max-nodes", "x", "m"],
+        capture_output=True,
+        text=True,
+    )
+    assert wrong.returncode == 2 and "--max-nodes" in wrong.stderr  # parsed by the server

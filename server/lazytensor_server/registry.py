@@ -35,8 +35,7 @@ class ServedModel:
             "device": str(param.device) if param is not None else None,
             "queue": queued,
             "served": served,
-            "source": self.source,
-        }
+        }  # never the source: a path on the server's disk is not the clients' business
 
     def description(self) -> dict:
         tokenizer: dict[str, Any] = {}
