@@ -577,3 +577,31 @@ def test_serve_help_and_options_in_any_order():
         text=True,
     )
     assert wrong.returncode == 2 and "--max-nodes" in wrong.stderr  # parsed by the server
+
+
+def test_the_batch_limit_counts_the_rows_that_run(make_service, local_llama, still_serves):
+    from lazytensor_server.limits import Limits
+
+    peer = Peer(make_service(limits=Limits(max_batch=8)))
+    body = request(local_llama, generate={"max_new_tokens": 2, "num_beams": 5})
+    peer.error(frames_of(body), "LimitExceeded", "--max-batch")  # 2 prompts x 5 beams
+    body = request(local_llama)
+    body["batch"]["size"] = 1  # claims 1 row, holds 2
+    peer.error(frames_of(body), "ProtocolError", "claims 1 rows")
+    still_serves(peer)
+
+
+def test_inputs_cannot_be_smuggled_past_the_allow_list(make_service, local_llama, still_serves):
+    peer = Peer(make_service())
+    body = request(local_llama)
+    body["batch"]["args"] = [body["batch"]["kwargs"]["input_ids"]] * 2  # (input_ids, labels)
+    peer.error(frames_of(body), "OpNotAllowedError", "keyword inputs only")
+    body = request(local_llama, build=lambda lm: lm.output.save())
+    node = body["graph"]["nodes"][0]
+    rewrite = [len(body["graph"]["nodes"]), "set_inputs", "", (((), {"x": True}),), {}, 0, None]
+    body["graph"]["nodes"].insert(0, rewrite)
+    for i, n in enumerate(body["graph"]["nodes"]):
+        n[0] = i
+    assert node[1] == "output"
+    peer.error(frames_of(body), "OpNotAllowedError", "rewrite the model's own inputs")
+    still_serves(peer)

@@ -24,8 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
+import torch
 
-from lazytensor.core import ops
+from lazytensor.core import ops, tree
 from lazytensor.core.errors import NodeFailure, OpNotAllowedError, ProtocolError, UnknownRequest
 from lazytensor.core.graph import Batch, Graph, Node
 from lazytensor.protocol import codec
@@ -210,7 +211,7 @@ class Service:
         graph = request.graph
         check("graph nodes", len(graph.nodes), limits.max_nodes, "--max-nodes")
         _check_graph(graph, served, self.trusted)
-        batch = _batch(request.batch, limits)
+        batch = _batch(request.batch, limits, positional=served.tokenizer is None)
         return Job(
             request.id, owner, served.name, graph, batch, request.stop_at, request.fake, size
         )
@@ -320,6 +321,11 @@ def _check_node(node: Node, served: ServedModel, trusted: bool) -> None:
     if node.is_point or node.op == "module":
         if node.target not in served.paths:
             raise AttributeError(f"the model {served.name!r} has no module {node.target!r}")
+        if node.target == "" and node.op in ("set_input", "set_inputs"):
+            raise OpNotAllowedError(
+                "a graph may not rewrite the model's own inputs (they are the batch, held to "
+                "this server's input allow-list); send them as the request's inputs"
+            )
     elif "out" in node.kwargs:
         raise OpNotAllowedError(f"{node.target} with out= is refused: it writes behind the graph")
     elif node.op == "function":
@@ -339,16 +345,38 @@ def _check_node(node: Node, served: ServedModel, trusted: bool) -> None:
         raise OpNotAllowedError(f"unknown op {node.op!r}")
 
 
-def _batch(batch: Batch, limits: Limits) -> Batch:
-    """The run's inputs, held to the model-input allow-list and the batch and step limits."""
+def _batch(batch: Batch, limits: Limits, *, positional: bool) -> Batch:
+    """The run's inputs, held to the model-input allow-list and the batch and step limits.
+
+    A language model takes keyword inputs only (a positional one would be ``labels`` or
+    another argument outside the allow-list). Limits count the rows that really run: every
+    tensor input must have ``size`` rows, and generation multiplies them by its beams or
+    returned sequences.
+    """
+    if batch.args and not positional:
+        raise OpNotAllowedError(
+            "this server's model takes keyword inputs only (input_ids=..., attention_mask=...)"
+        )
     for name in batch.kwargs:
         if name not in INPUT_KWARGS:
             raise OpNotAllowedError(
                 f"model input {name!r} is not accepted by this server; "
                 f"accepted: {', '.join(sorted(INPUT_KWARGS))}"
             )
-    check("batch size", batch.size, limits.max_batch, "--max-batch")
+    for value in tree.leaves((batch.args, batch.kwargs)):
+        if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != batch.size):
+            raise ProtocolError(
+                f"the batch claims {batch.size} rows but holds an input of shape "
+                f"{tuple(value.shape)}; every tensor input has one row per batch row"
+            )
     kwargs = dict(batch.kwargs)
+    rows = batch.size
+    if batch.generate:
+        copies = [kwargs.get(k) for k in ("num_beams", "num_return_sequences")]
+        if not all(c is None or (type(c) is int and c >= 1) for c in copies):
+            raise ProtocolError("num_beams and num_return_sequences must be positive integers")
+        rows *= max((c for c in copies if c is not None), default=1)
+    check("batch rows", rows, limits.max_batch, "--max-batch")
     if batch.generate:
         steps = kwargs.setdefault("max_new_tokens", min(20, limits.max_new_tokens))
         if not isinstance(steps, int):
