@@ -605,3 +605,12 @@ def test_inputs_cannot_be_smuggled_past_the_allow_list(make_service, local_llama
     assert node[1] == "output"
     peer.error(frames_of(body), "OpNotAllowedError", "rewrite the model's own inputs")
     still_serves(peer)
+
+
+def test_a_huge_header_is_refused_before_it_is_decoded(make_service, still_serves):
+    peer = Peer(make_service())
+    frames = frames_of({"id": "big", "key": TOKEN, "pad": [[]] * (9 << 20)})  # 9 MiB of arrays
+    started = time.monotonic()
+    peer.error(frames, "ProtocolError", "max_header_bytes")
+    assert time.monotonic() - started < 2.0  # refused by its size, not after unpacking it
+    still_serves(peer)

@@ -58,6 +58,9 @@ class App:
         socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 1000)
         socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # ZeroMQ drops a peer whose message part is over the request limit as it arrives,
+        # before buffering it whole (the service checks the whole message again).
+        socket.setsockopt(zmq.MAXMSGSIZE, self.service.limits.max_request_bytes)
         socket.bind(self.address)
         self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         outbox: asyncio.Queue[tuple[Any, list]] = asyncio.Queue()
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Limits()
     for field, flag in (
         ("max_request_bytes", "--max-request-bytes"),
+        ("max_header_bytes", "--max-header-bytes"),
         ("max_nodes", "--max-nodes"),
         ("max_saved_bytes", "--max-saved-bytes"),
         ("max_seconds", "--max-seconds"),

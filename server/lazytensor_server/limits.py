@@ -12,6 +12,7 @@ class Limits:
     """Per-request limits; the CLI flag that sets each is named in its error."""
 
     max_request_bytes: int = 256 * 2**20
+    max_header_bytes: int = 8 * 2**20  # the msgpack header: graph and small values
     max_nodes: int = 20_000
     max_saved_bytes: int = 2 * 2**30
     max_seconds: float = 300.0

@@ -80,7 +80,10 @@ class Service:
         self.limits = limits or Limits()
         self.keys = keys or Keys(None)
         self.models = {m.name: m for m in models}
-        self.wire_limits = codec.Limits(max_total_bytes=self.limits.max_request_bytes)
+        self.wire_limits = codec.Limits(
+            max_total_bytes=self.limits.max_request_bytes,
+            max_header_bytes=self.limits.max_header_bytes,
+        )
         self.workers = {m.name: Worker(m, self.limits, self._done, trusted=trusted) for m in models}
         self.ttl = ttl
         self.results = Results(keep, keep_bytes, ttl)
