@@ -2,9 +2,10 @@
 
 Every ``import`` statement counts, also the ones inside functions (a deferred import is still a
 dependency); only imports under ``if TYPE_CHECKING:`` are left out, since they never run (a
-proxy's annotations name its trace, whose module imports the proxy). The layers, lowest first, are the folders of ``lazytensor/`` (see
-docs/architecture.md); the top-level modules (``lazytensor/__init__.py``, the CLI, the demo,
-the tiny-model builder) sit above them, and the server may use only core, runtime and protocol.
+proxy's annotations name its trace, whose module imports the proxy). The layers, lowest
+first, are the folders of ``lazytensor/`` (see docs/architecture.md); the top-level modules
+(``lazytensor/__init__.py``, the CLI, the demo, the tiny-model builder) sit above them, and
+the server may use only core, runtime and protocol.
 """
 
 from __future__ import annotations

@@ -307,7 +307,7 @@ def test_out_arguments_are_refused(make_service, local_llama, still_serves):
     peer = Peer(make_service())
     body = request(local_llama)
     node = nodes_where(body, "method")[0]
-    node[4] = {**node[4], "out": None}
+    node[4] = {**node[4], "out": node[3][0]}  # write into its own first argument
     peer.error(frames_of(body), "OpNotAllowedError", "out=")
     still_serves(peer)
 

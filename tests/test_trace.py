@@ -268,7 +268,7 @@ def test_shape_dtype_device_len_do_not_run_the_model(tiny_mlp: TinyMLP) -> None:
         assert calls.real == 1  # the one real forward at the end of the block
     finally:
         calls.handle.remove()
-    assert calls.fake >= 1
+    assert calls.fake == 0  # a shape-only pass keeps the user's own hooks away
     assert (shape, dtype, device, length) == (torch.Size([5, 16]), torch.float32, x.device, 5)
     assert (size, ndim) == (16, 2)
     seen = {}

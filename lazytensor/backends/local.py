@@ -40,7 +40,7 @@ class LocalBackend:
 
 
 class LocalJob:
-    """A local run, deferred until :meth:`result` (or :meth:`status`) is first called."""
+    """A local run, deferred until :meth:`result` is first called (:meth:`status` only looks)."""
 
     def __init__(self, backend: LocalBackend, request: RunRequest) -> None:
         self.backend, self.request = backend, request

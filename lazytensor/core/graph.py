@@ -13,7 +13,8 @@ the tensors the user closed over, so two traces that differ only in those tensor
 
 Point ops read or replace a value at a moment of the forward pass: a module's ``input``,
 ``inputs`` or ``output`` at its ``call``-th invocation (``EVERY_CALL`` for all of them), for
-batch ``rows`` (``None`` = the whole batch), and ``result`` (the return value of the run).
+batch ``rows`` (``None`` = the whole batch), ``result`` (the return value of the run) and
+``tokens`` (the tokens a generation chose at its ``call``-th step).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from . import tree
 from .site import Site
 
 #: Every op a node may carry; each is also an ``Executor`` method name.
-POINT_READS = ("input", "inputs", "output", "result")
+POINT_READS = ("input", "inputs", "output", "result", "tokens")
 POINT_WRITES = ("set_input", "set_inputs", "set_output")
 COMPUTE = ("function", "method", "module", "getattr")
 #: A user's own Python function (``lazytensor.apply``): the one op that carries code. A
@@ -33,7 +34,8 @@ COMPUTE = ("function", "method", "module", "getattr")
 TRUSTED = ("python",)
 OPS = frozenset(POINT_READS + POINT_WRITES + COMPUTE + TRUSTED)
 
-#: ``Node.call`` for nodes recorded under ``tracer.all()``: they run at every call.
+#: ``Node.call`` for nodes that run at every call. (A call range is ``(start, stop, step)``,
+#: ``stop`` ``None`` for no end: see :mod:`lazytensor.runtime.calls`.)
 EVERY_CALL = -1
 
 
@@ -63,7 +65,8 @@ class Node:
             tensor method name; for ``getattr`` the attribute name; for ``python`` the
             function's qualified name (its serialized code is ``args[0]``).
         args, kwargs: plain-data arguments (see the module docstring).
-        call: for point ops, which invocation of the module (``EVERY_CALL`` = all).
+        call: for point ops, which invocation of the module (``EVERY_CALL`` = all, or a
+            range ``(start, stop, step)``).
         rows: for point ops, the batch rows ``(start, stop)`` this node sees, or ``None``.
     """
 
@@ -72,7 +75,7 @@ class Node:
     target: str
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
-    call: int = 0
+    call: int | tuple = 0
     rows: tuple[int, int] | None = None
     _deps: tuple[int, ...] | None = field(default=None, init=False, repr=False, compare=False)
     _key: tuple | None = field(default=None, init=False, repr=False, compare=False)
@@ -145,7 +148,7 @@ class Graph:
         args: tuple = (),
         kwargs: dict | None = None,
         *,
-        call: int = 0,
+        call: int | tuple = 0,
         rows: tuple[int, int] | None = None,
         site: Site | None = None,
     ) -> Node:

@@ -260,6 +260,50 @@ class LanguageModel(Model):
         self.dispatch()
         return self._module
 
+    @property
+    def generator(self) -> Generator:
+        """Inside ``lm.generate(...)``: the generation itself, as an envoy-like object.
+
+        ``lm.generator.output`` is what ``generate`` returns (``tracer.result``);
+        ``lm.generator.streamer.output`` is the tokens chosen at the current step, one per
+        row, shape ``(B,)`` (step ``i`` inside ``tracer.iter``; every step in a range).
+        """
+        return Generator(self)
+
+
+class Generator:
+    """``lm.generator``: points on a generation rather than on a module."""
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self._lm = lm
+
+    @property
+    def output(self) -> Any:
+        """What ``generate`` returns (the prompt and generated ids), like ``tracer.result``."""
+        return self._lm._trace("lm.generator.output").read("", "result")
+
+    @property
+    def streamer(self) -> Streamer:
+        return Streamer(self._lm)
+
+
+class Streamer:
+    """``lm.generator.streamer``: what a generation streams at each step."""
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self._lm = lm
+
+    @property
+    def output(self) -> Any:
+        """The tokens the current step chose, one per row: ``(B,)``."""
+        trace = self._lm._trace("lm.generator.streamer.output")
+        if not trace.generate:
+            raise TraceError(
+                "lm.generator.streamer.output is a generation's tokens: use it inside "
+                "`with lm.generate(...)`"
+            )
+        return trace.read("", "tokens")
+
 
 def _built(module: torch.nn.Module, loader: dict, dispatch: bool) -> torch.nn.Module:
     """A model the user built: only ``dtype`` applies (as ``.to(dtype)``); the rest refuse."""

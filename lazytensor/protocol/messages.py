@@ -25,12 +25,12 @@ Graphs travel as ``{"nodes": [[id, op, target, args, kwargs, call, rows], ...], 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 
-from ..core import errors
+from ..core import errors, tree
 from ..core.errors import ProtocolError
 from ..core.graph import EVERY_CALL, OPS, Batch, Const, Graph, Node, Ref
 from . import codec
@@ -97,7 +97,7 @@ def _decode_node(item: Any, position: int, n_consts: int) -> Node:
         ("target", target, isinstance(target, str), "a str"),
         ("args", args, isinstance(args, tuple), "a tuple"),
         ("kwargs", kwargs, isinstance(kwargs, dict) and all(map(_is_str, kwargs)), "str keys"),
-        ("call", call, _is_int(call) and call >= EVERY_CALL, f"an int >= {EVERY_CALL}"),
+        ("call", call, _is_call(call), f"an int >= {EVERY_CALL} or (start, stop|nil, step)"),
         ("rows", rows, rows is None or (pair and 0 <= rows[0] <= rows[1]), "None or (a, b)"),
     )
     for name, got, ok, expected in checks:
@@ -107,23 +107,37 @@ def _decode_node(item: Any, position: int, n_consts: int) -> Node:
     return Node(node_id, op, target, args, kwargs, call, None if rows is None else tuple(rows))
 
 
+def _is_call(call: Any) -> bool:
+    """A node's call: an int >= EVERY_CALL, or a range ``(start, stop or None, step)`` with
+    ``0 <= start < stop`` and ``step >= 1`` (see :mod:`lazytensor.runtime.calls`)."""
+    if _is_int(call):
+        return call >= EVERY_CALL
+    if not (isinstance(call, tuple) and len(call) == 3):
+        return False
+    start, stop, step = call
+    if not (_is_int(start) and _is_int(step) and (stop is None or _is_int(stop))):
+        return False
+    return start >= 0 and step >= 1 and (stop is None or stop > start)
+
+
 def _check_args(value: Any, node_id: int, n_consts: int) -> None:
-    """Every Ref names an earlier node and every Const an existing constant."""
-    if isinstance(value, Ref) and not 0 <= value.id < node_id:
-        raise ProtocolError(
-            f"node {node_id} reads node {value.id}, which is not recorded before it: a node "
-            "may only read earlier nodes; the graph was built or edited incorrectly"
-        )
-    if isinstance(value, Const) and not 0 <= value.index < n_consts:
-        raise ProtocolError(
-            f"node {node_id} uses constant {value.index}, but the graph has {n_consts} "
-            "constants; send every tensor the graph uses in its constants"
-        )
-    if isinstance(value, slice):
-        value = (value.start, value.stop, value.step)
-    items = value.values() if isinstance(value, dict) else value
-    for item in items if isinstance(value, (tuple, list, dict)) else ():
-        _check_args(item, node_id, n_consts)
+    """Every Ref names an earlier node, every Const an existing constant; no bare tensors."""
+    for leaf in tree.leaves(value):
+        if isinstance(leaf, Ref) and not 0 <= leaf.id < node_id:
+            raise ProtocolError(
+                f"node {node_id} reads node {leaf.id}, which is not recorded before it: a node "
+                "may only read earlier nodes; the graph was built or edited incorrectly"
+            )
+        if isinstance(leaf, Const) and not 0 <= leaf.index < n_consts:
+            raise ProtocolError(
+                f"node {node_id} uses constant {leaf.index}, but the graph has {n_consts} "
+                "constants; send every tensor the graph uses in its constants"
+            )
+        if isinstance(leaf, torch.Tensor):
+            raise ProtocolError(
+                f"node {node_id} holds a tensor in its arguments; tensors travel in the graph's "
+                "constants, named by Const"
+            )
 
 
 def _is_str(v: Any) -> bool:
@@ -147,7 +161,18 @@ class Message:
 
     @classmethod
     def from_body(cls, body: dict) -> Message:
-        return cls(**{f.name: body.get(f.name, f.default) for f in fields(cls)})
+        """The message a peer's ``body`` describes; a field whose default is a str, bool, list,
+        dict (or a graph or batch, decoded by the subclass) must hold one."""
+        values = {"id": _reply_id(body, cls.KIND)}
+        for f in fields(cls):
+            if f.name == "id":
+                continue
+            default = f.default_factory() if f.default is MISSING else f.default
+            value = values[f.name] = body.get(f.name, default)
+            if default is not None and type(value) is not type(default):
+                what = f"the {f.name!r} of a {cls.KIND!r} message"
+                raise _malformed(what, value, f"a {type(default).__name__}")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -240,6 +265,13 @@ class Status(Message):
     state: str = ""
     position: int | None = None
 
+    @classmethod
+    def from_body(cls, body: dict) -> Status:
+        position = body.get("position")
+        if position is not None and not _is_int(position):
+            raise _malformed("a status's queue position", position, "an int or nil")
+        return super().from_body(body)
+
 
 @dataclass(frozen=True)
 class Result(Message):
@@ -253,7 +285,7 @@ class Result(Message):
         values = body.get("values")
         if not isinstance(values, dict) or not all(map(_is_int, values)):
             raise _malformed("a result's values", values, "a mapping of node ids to values")
-        return cls(body.get("id"), values)
+        return cls(_reply_id(body, cls.KIND), values)
 
 
 @dataclass(frozen=True)
@@ -275,7 +307,7 @@ class Failure(Message):
 
     @classmethod
     def from_body(cls, body: dict) -> Failure:
-        return cls(body.get("id"), {k: v for k, v in body.items() if k != "id"})
+        return cls(_reply_id(body, cls.KIND), {k: v for k, v in body.items() if k != "id"})
 
 
 @dataclass(frozen=True)
@@ -341,6 +373,15 @@ def check_id(request_id: Any) -> str | None:
         expected = f"a printable str of 1-{MAX_ID_LENGTH} chars"
         raise _malformed("the request id", request_id, expected)
     return request_id
+
+
+def _reply_id(body: dict, kind: str) -> str | None:
+    """A message's id as a str or nil (a server echoes even an id it refused, so a reply's id
+    is not held to :func:`check_id`; requests check theirs first)."""
+    message_id = body.get("id")
+    if message_id is not None and not isinstance(message_id, str):
+        raise _malformed(f"the id of a {kind!r} message", message_id, "a str or nil")
+    return message_id
 
 
 def decode_batch(data: Any) -> Batch:

@@ -9,8 +9,23 @@ are dropped as soon as no later node needs them. Hooks are removed when the run 
 on error.
 
 A node that cannot run when its moment passes (it needs a value the forward computes later),
-or whose moment never comes (a module never called, an iteration that never happened), is a
-:class:`~lazytensor.errors.NodeFailure` naming that node; replay never skips work silently.
+or whose moment never comes (a module never called), is a
+:class:`~lazytensor.errors.NodeFailure` naming that node; replay never skips work silently
+(what counts as the run's outcome instead: :mod:`.outcome`). Rules the replay follows:
+
+* **Calls** (:mod:`.calls`): a node of several calls runs again at each, once per generation
+  step (each forward pass is one) on that step's values; a saved one of a call range returns
+  one value per call that ran.
+* **Rows** (:mod:`.rows`): every forward's :class:`~lazytensor.runtime.rows.Layout` comes from
+  the inputs the model gets (rows per batch row after ``generate`` expands them, tokens per
+  row), so an invoke sees its own rows under beams, returned sequences and token-major values.
+* **Calls the trace makes** (``module`` nodes, ``lm.sae(h)``): while one runs, the model's own
+  moments are not counted (the logit lens's ``lm.lm_head(h)`` does not move
+  ``lm.lm_head.output``). A point node *below* the called module ``P`` and recorded after the
+  call (``lm.sae.encoder.output``) belongs to that call: it fires at the first matching call
+  inside it and sees its values whole. Every other point node belongs to the model's forward.
+* **Shape-only passes** (``fake_mode``) run without the user's own forward hooks
+  (:func:`.hooks.quiet`): they would see fake tensors.
 
 The op vocabulary of :mod:`lazytensor.core.graph` is this class's method names: replaying a
 node is ``getattr(self, node.op)(node)``. What the executor knows of a graph's shape comes from
@@ -24,22 +39,16 @@ from __future__ import annotations
 import contextlib
 import heapq
 import time
-from contextvars import ContextVar
 from typing import Any
 
 import torch
 
 from ..core.errors import GraphError, NodeFailure
-from ..core.graph import EVERY_CALL, Batch, Graph, Node, Ref
-from . import fake, rows
+from ..core.graph import Batch, Graph, Node, Ref
+from . import calls, fake, hooks, outcome, rows
 from .evaluate import call_function, call_method, call_python, read_attribute, resolve
-from .plan import PRE, RESULT, Plan
-
-_RESULT_KEY = ("", RESULT)
-
-#: The executor running in this thread/context. Hooks live on the shared module, so a hook
-#: must ignore forward passes that another thread runs on the same model at the same time.
-_running: ContextVar[Executor | None] = ContextVar("lazytensor_executor", default=None)
+from .moments import RESULT_KEY, TOKENS_KEY, Sides, describe, rows_layout
+from .plan import Plan
 
 
 class _Stop(Exception):
@@ -90,24 +99,39 @@ class Executor:
         self.ran_at: dict[int, tuple] = {}
         self.heap: list[int] = []
         self.calls: dict[tuple[str, str], int] = dict.fromkeys(self.points, 0)
-        self.active: tuple | None = None
+        self.active: tuple | None = None  # (key, call, side) of the moment running now
         self.current: Any = None
         self.replaced = False
-        self.suspended = 0
         self.modules: dict[str, torch.nn.Module] = {}
-
-    def _module(self, path: str, node: int) -> torch.nn.Module:
-        try:
-            return self.model.get_submodule(path)
-        except AttributeError as exc:
-            raise NodeFailure(node, AttributeError(f"the model has no module {path!r}")) from exc
+        self.sides = Sides.of(graph, plan)
+        self.side: int | None = None  # the ``module`` node running now, if any
+        self.side_calls: dict[tuple[str, str], int] = {}
+        self.layout = rows.Layout(batch.size)  # of the forward running now
+        self.forwards = 0  # forward passes of the model begun: generation steps
+        self.epoch: dict[int, int] = {}  # repeating node -> the forward it last ran in
+        collect = fake_mode is None and stop_at is None
+        ranged = calls.per_call(graph, self.repeating, graph.saved) if collect else ()
+        self.collected: dict[int, list] = {i: [] for i in ranged}
 
     # -- running --------------------------------------------------------------------------
     def run(self) -> dict[int, Any]:
-        """Run the model with the graph inside it; return the saved (or, fake: all) values."""
-        handles = self._install()
+        """Run the model with the graph inside it; return the saved (or, fake: all) values.
+
+        A saved node of a call range has a list, one value per call that ran; one of a
+        generation step that never ran a :class:`~lazytensor.runtime.calls.NotRun`.
+        """
+        quiet = hooks.quiet(self.model) if self.fake_mode is not None else contextlib.nullcontext()
+        token = hooks.running.set(self)
+        try:
+            with quiet:
+                values = self._run()
+        finally:
+            hooks.running.reset(token)
+        return values
+
+    def _run(self) -> dict[int, Any]:
+        handles = hooks.install(self)
         mode = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
-        token = _running.set(self)
         try:
             with torch.no_grad(), mode:
                 runs = fake.runs(self.batch, self.fake_mode) if self.fake_mode else [self.batch]
@@ -118,9 +142,12 @@ class Executor:
                     self._drain()
                     for batch in runs:
                         self.current = self._call_model(batch)
+                        ids = batch.kwargs.get("input_ids")  # (B, T): fake, the step's shape
+                        if self.fake_mode is not None and ids is not None:
+                            self._fire_value(TOKENS_KEY, ids[:, -1])
                     if self.fake_mode is not None and self.batch.generate:
                         self.current = fake.tokens(runs[0], self.batch)
-                    self._fire(_RESULT_KEY)
+                    self._fire_value(RESULT_KEY, self.current)
                 except _Stop:
                     return {self.stop_at: self.values[self.stop_at]}
                 except Exception as exc:
@@ -129,34 +156,12 @@ class Executor:
                     if self.fake_mode is None or not fake.is_data_dependent(exc):
                         raise
         finally:
-            _running.reset(token)
             for handle in handles:
                 handle.remove()
         if self.fake_mode is not None:
             return {i: v for i, v in enumerate(self.values) if self.done[i]}
-        self._check_all_ran()
-        return {i: self.values[i] for i in self.graph.saved}
-
-    def _install(self) -> list[Any]:
-        handles = []
-        try:
-            for key, ids in self.points.items():
-                path, kind = key
-                if kind == RESULT:
-                    continue
-                module = self._module(path, ids[0])
-                if kind == PRE:
-                    hook = module.register_forward_pre_hook(self._pre_hook(key), with_kwargs=True)
-                else:
-                    hook = module.register_forward_hook(self._post_hook(key))
-                handles.append(hook)
-            first = {n.target: n.id for n in reversed(self.graph.nodes) if n.op == "module"}
-            self.modules = {path: self._module(path, first[path]) for path in self.plan.modules}
-        except BaseException:
-            for handle in handles:
-                handle.remove()
-            raise
-        return handles
+        outcome.check_all_ran(self)
+        return outcome.saved(self)
 
     def _check_time(self, *_: Any) -> bool:
         if time.monotonic() > self.deadline:
@@ -166,43 +171,42 @@ class Executor:
     def _call_model(self, batch: Batch) -> Any:
         if batch.generate:
             kwargs = batch.kwargs
-            if self.deadline is not None:
-                kwargs = {**kwargs, "stopping_criteria": [self._check_time]}
+            if self.deadline is not None or TOKENS_KEY in self.points:
+                criteria = [*(kwargs.get("stopping_criteria") or ()), self._on_step]
+                kwargs = {**kwargs, "stopping_criteria": criteria}
             return self.model.generate(*batch.args, **kwargs)
         return self.model(*batch.args, **batch.kwargs)
 
-    def _pre_hook(self, key: tuple[str, str]):
-        def hook(module, args, kwargs):
-            if self.suspended or _running.get() is not self:
-                return None
-            self.current, self.replaced = (args, kwargs), False
+    def _on_step(self, input_ids: torch.Tensor, *_: Any, **__: Any) -> bool:
+        """A stopping criterion: called after each step with the ids so far."""
+        if self.deadline is not None:
+            self._check_time()
+        if TOKENS_KEY in self.points:
+            tokens = input_ids[:, -1].clone(memory_format=torch.contiguous_format)  # (B*k,)
+            self._fire_value(TOKENS_KEY, tokens)
+        return False  # never stops generation
+
+    def _fire_value(self, key: tuple[str, str], value: Any) -> None:
+        """Fire a moment that is no module's hook (the result, a generation step's tokens)."""
+        self.current, self.replaced = value, False
+        layout = self.layout
+        self.layout = rows_layout(value, self.batch.size, layout)
+        try:
             self._fire(key)
-            new, self.current = self.current, None
-            return new if self.replaced else None
-
-        return hook
-
-    def _post_hook(self, key: tuple[str, str]):
-        def hook(module, args, output):
-            if self.suspended or _running.get() is not self:
-                return None
-            self.current, self.replaced = output, False
-            self._fire(key)
-            new, self.current = self.current, None
-            return new if self.replaced else None
-
-        return hook
+        finally:
+            self.layout, self.current = layout, None
 
     def _fire(self, key: tuple[str, str]) -> None:
         """Make ``key`` at its next call the active moment and run everything now ready."""
         if self.deadline is not None:
             self._check_time()
-        call = self.calls.get(key, 0)
-        self.calls[key] = call + 1
-        here = [i for i in self.points.get(key, ()) if self._matches(i, call)]
+        counts = self.calls if self.side is None else self.side_calls
+        call = counts.get(key, 0)
+        counts[key] = call + 1
+        here = [i for i in self.sides.points(self.side, key) if self._matches(i, call)]
         if not here:
             return
-        self.active = (key, call)
+        self.active = (key, call, self.side)
         for i in here:
             if self.done[i]:
                 self._reset(i)
@@ -214,23 +218,30 @@ class Executor:
                     i,
                     GraphError(
                         f"this needs a value that is computed later in the forward pass, after "
-                        f"{_describe(self.graph.nodes[i])} has already run"
+                        f"{describe(self.graph.nodes[i])} has already run"
                     ),
                     "read values in the order the model computes them",
                 )
         self.active = None
 
     def _matches(self, i: int, call: int) -> bool:
-        wanted = self.graph.nodes[i].call
-        if self.fake_mode is not None and self.batch.generate and wanted > 1:
-            wanted = 1  # every decoding step has the shapes of the first one
-        return wanted == call or wanted == EVERY_CALL
+        if self.side is not None:
+            return call == 0  # the first call inside the trace's call of the module
+        node = self.graph.nodes[i]
+        if node.op == "result":
+            return True  # a run has one result, whichever step it was read at
+        wanted = node.call
+        if self.fake_mode is not None and self.batch.generate:
+            return calls.fake_matches(wanted, call)  # call 1 stands for every later step
+        return calls.matches(wanted, call)
 
     def _is_active(self, i: int) -> bool:
+        active = self.active
         return (
-            self.active is not None
-            and self.key_of[i] == self.active[0]
-            and self._matches(i, self.active[1])
+            active is not None
+            and self.key_of[i] == active[0]
+            and self.sides.side_of.get(i) == active[2]
+            and self._matches(i, active[1])
         )
 
     def _schedule(self, ids) -> None:
@@ -262,6 +273,10 @@ class Executor:
         self.values[i], self.done[i] = value, True
         if i in self.key_of:
             self.ran_at[i] = self.active
+        if i in self.repeating:
+            self.epoch[i] = self.forwards
+            if i in self.collected:
+                self.collected[i].append(value)
         for d in self.deps[i]:
             self.pending_users[d] -= 1
             if self.pending_users[d] == 0 and d not in self.keep and d not in self.repeating:
@@ -274,32 +289,26 @@ class Executor:
             raise _Stop
 
     def _reset(self, start: int) -> None:
-        """Forget a repeating point node and everything computed from it, to run again."""
+        """Forget a repeating point node and everything computed from it, to run again.
+
+        Those nodes wait again for every repeating input of theirs that is from an earlier
+        forward pass (an earlier generation step), so they run once per step, on that step's
+        values only.
+        """
         stale = {start}
         for node in self.graph.nodes[start + 1 :]:
             if node.id in self.repeating and any(d in stale for d in self.deps[node.id]):
                 stale.add(node.id)
         for i in stale:
             self.done[i], self.values[i] = False, self.values[i] if i in self.keep else None
+        now = self.forwards
         for i in stale:
-            self.waiting[i] = sum(1 for d in self.deps[i] if not self.done[d])
+            self.waiting[i] = sum(
+                1
+                for d in self.deps[i]
+                if not self.done[d] or (d in self.repeating and self.epoch.get(d, now) < now)
+            )
             self.pending_users[i] = len(self.users[i])
-
-    def _check_all_ran(self) -> None:
-        for node in self.graph.nodes:
-            if not self.done[node.id] and node.id in self.key_of:
-                key = self.key_of[node.id]
-                calls = self.calls.get(key, 0)
-                if calls == 0:
-                    what = f"{_describe(node)} never happened: the module was never called"
-                else:
-                    what = (
-                        f"{_describe(node)} at call {node.call} never happened: the "
-                        f"module ran {calls} time(s)"
-                    )
-                raise NodeFailure(
-                    node.id, GraphError(what), "check the module path and the iteration range"
-                )
 
     # -- argument resolution ---------------------------------------------------------------
     def _value(self, arg: Any) -> Any:
@@ -315,47 +324,54 @@ class Executor:
         home = self.home[first.id] if isinstance(first, Ref) else None
         if home is not None and self.ran_at.get(home) != self.active:
             raise GraphError(
-                f"this writes into {_describe(self.graph.nodes[home])}, which the forward pass "
+                f"this writes into {describe(self.graph.nodes[home])}, which the forward pass "
                 "has already used, and it can only run later because it needs a value "
                 "computed after that"
             )
 
+    def _rows(self, node: Node) -> tuple[int, int] | None:
+        # Inside a call the trace makes, values are the call's own: its inputs' rows.
+        return node.rows if self.side is None else None
+
     # -- the op vocabulary (one method per member of graph.OPS) ---------------------------
     def output(self, node: Node) -> Any:
-        return rows.narrow(self.current, node.rows, self.batch.size)
+        return rows.narrow(self.current, self._rows(node), self.layout)
 
     def result(self, node: Node) -> Any:
-        return rows.narrow(self.current, node.rows, self.batch.size)
+        return rows.narrow(self.current, self._rows(node), self.layout)
+
+    def tokens(self, node: Node) -> Any:
+        return rows.narrow(self.current, self._rows(node), self.layout)
 
     def input(self, node: Node) -> Any:
         args, kwargs = self.current
         first = args[0] if args else next(iter(kwargs.values()))
-        return rows.narrow(first, node.rows, self.batch.size)
+        return rows.narrow(first, self._rows(node), self.layout)
 
     def inputs(self, node: Node) -> Any:
-        return rows.narrow(self.current, node.rows, self.batch.size)
+        return rows.narrow(self.current, self._rows(node), self.layout)
 
     def set_output(self, node: Node) -> None:
         new = self._value(node.args[0])
-        self.current = rows.replace(self.current, new, node.rows, self.batch.size)
+        self.current = rows.replace(self.current, new, self._rows(node), self.layout)
         self.replaced = True
 
     def set_input(self, node: Node) -> None:
         args, kwargs = self.current
-        new = self._value(node.args[0])
+        new, where = self._value(node.args[0]), self._rows(node)
         if args:
-            first = rows.replace(args[0], new, node.rows, self.batch.size)
+            first = rows.replace(args[0], new, where, self.layout)
             self.current = ((first, *args[1:]), kwargs)
         else:
             name = next(iter(kwargs))
-            first = rows.replace(kwargs[name], new, node.rows, self.batch.size)
+            first = rows.replace(kwargs[name], new, where, self.layout)
             self.current = (args, {**kwargs, name: first})
         self.replaced = True
 
     def set_inputs(self, node: Node) -> None:
         new_args, new_kwargs = self._value(node.args[0])
         args, kwargs = rows.replace(
-            self.current, (tuple(new_args), dict(new_kwargs)), node.rows, self.batch.size
+            self.current, (tuple(new_args), dict(new_kwargs)), self._rows(node), self.layout
         )
         self.current, self.replaced = (tuple(args), dict(kwargs)), True
 
@@ -377,17 +393,12 @@ class Executor:
         return call_python(node, *self._args(node), trusted=self.trusted)
 
     def module(self, node: Node) -> Any:
+        """Call a submodule; the model's own moments stand still meanwhile (see the module
+        docstring), and the point nodes that belong to this call fire."""
         args, kwargs = self._args(node)
-        self.suspended += 1
+        outer = (self.side, self.side_calls, self.current, self.replaced, self.active)
+        self.side, self.side_calls = node.id, {}
         try:
             return self.modules[node.target](*args, **kwargs)
         finally:
-            self.suspended -= 1
-
-
-def _describe(node: Node) -> str:
-    where = node.target or "the model"
-    kind = {"set_input": "input", "set_inputs": "inputs", "set_output": "output"}.get(
-        node.op, node.op
-    )
-    return f"{where}.{kind}" if node.op != "result" else "the run's result"
+            self.side, self.side_calls, self.current, self.replaced, self.active = outer

@@ -15,11 +15,11 @@ from typing import ClassVar
 from ..core import ops
 from ..core.graph import EVERY_CALL, Graph, Ref
 
-PRE, POST, RESULT = "pre", "post", "result"
+PRE, POST, RESULT, TOKENS = "pre", "post", "result", "tokens"
 #: The hook kind each point op waits for.
 KIND = {"input": PRE, "inputs": PRE, "set_input": PRE, "set_inputs": PRE,
-        "output": POST, "set_output": POST, "result": RESULT}  # fmt: skip
-READS = frozenset(("input", "inputs", "output", "result"))
+        "output": POST, "set_output": POST, "result": RESULT, "tokens": TOKENS}  # fmt: skip
+READS = frozenset(("input", "inputs", "output", "result", "tokens"))
 
 Key = tuple[str, str]  # (module path, PRE | POST | RESULT)
 
@@ -35,7 +35,7 @@ class Plan:
         key_of: the hook point of each point node.
         home: per node, the point read whose memory it aliases (``None``: its own memory), for
             the check that an in-place write happens while its module still runs.
-        repeating: nodes that run again at every call (under ``tracer.all()``).
+        repeating: nodes that run again at each of several calls (``tracer.all()``, a range).
         mutating: nodes that write into their first argument.
         modules: module paths called by ``module`` nodes.
     """
@@ -86,7 +86,7 @@ class Plan:
             if op in KIND:
                 key = key_of[i] = (node.target, KIND[op])
                 points.setdefault(key, []).append(i)
-                if node.call == EVERY_CALL:
+                if node.call == EVERY_CALL or type(node.call) is tuple:  # several calls
                     repeating.add(i)
                 if op in READS:
                     home[i] = i

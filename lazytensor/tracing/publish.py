@@ -7,7 +7,9 @@ that holds one of its saved proxies to that proxy's value, and fills in place th
 dicts the frame holds (at any depth; tuples are rebuilt) wherever they hold saved proxies:
 containers saved with ``lt.save(...)``, filled before or after that call, and plain ones like
 ``logits[step] = ....save()``. Objects of other types are not searched: a proxy kept inside one
-still answers ``.value``.
+still answers ``.value``. A value saved once for several steps (:mod:`.steps`) becomes what the
+body would have made had it run at each step: in a list, one value per step that ran, in place
+of the proxy; in a name, the last step's.
 
 CPython before 3.13 keeps a function's locals in fast slots that ``frame.f_locals`` only copies;
 writing them back takes ``PyFrame_LocalsToFast``. From 3.13 on ``f_locals`` writes through.
@@ -22,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from .proxy import Proxy
+from .steps import PerStep, published
 
 _MAX_DEPTH = 16
 #: How many container items one publish may visit: a frame holding a huge list of numbers
@@ -66,7 +69,8 @@ class _Walk:
         """``value`` with the trace's saved proxies replaced; lists and dicts in place."""
         if isinstance(value, Proxy):
             if value._trace is self.trace and value._node in self.values:
-                return self.values[value._node]
+                ok, real = published(self.values[value._node])
+                return real if ok else value  # a step that never ran: the proxy raises
             return value
         kind = type(value)
         if kind not in (list, dict, tuple) or depth > _MAX_DEPTH or id(value) in self.seen:
@@ -79,6 +83,9 @@ class _Walk:
             changed = any(new is not old for new, old in zip(items, value))
             return tuple(items) if changed else value
         self.seen.add(id(value))
+        if kind is list and any(self._steps(item) is not None for item in value):
+            value[:] = self._spliced(value, depth)
+            return value
         keys = range(len(value)) if kind is list else list(value)
         for key in keys:
             item = value[key]
@@ -86,6 +93,25 @@ class _Walk:
             if new is not item:
                 value[key] = new
         return value
+
+    def _steps(self, item: Any) -> PerStep | None:
+        """The per-step values of ``item`` if it is a saved proxy of several steps."""
+        if isinstance(item, Proxy) and item._trace is self.trace:
+            found = self.values.get(item._node)
+            return found if isinstance(found, PerStep) else None
+        return None
+
+    def _spliced(self, items: list, depth: int) -> list:
+        """``items`` with each proxy of several steps replaced by its values, one per step
+        (what appending in a body run at every step would have made)."""
+        out = []
+        for item in items:
+            steps = self._steps(item)
+            if steps is not None:
+                out.extend(steps)
+            else:
+                out.append(self.real(item, depth + 1))
+        return out
 
 
 def _rebind(frame: FrameType, changed: dict[str, Any]) -> None:

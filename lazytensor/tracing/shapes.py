@@ -34,7 +34,10 @@ class Shapes:
                 self.fake[i] = self._propagate(i)
             else:
                 trace = self.trace
-                self.fake.update(trace._run(trace.graph.prefix(i), fake_mode=self.mode()))
+                found = trace._run(trace.graph.prefix(i), fake_mode=self.mode())
+                for node, value in found.items():  # a pass frees values it no longer needs
+                    if value is not None:
+                        self.fake.setdefault(node, value)
         if i not in self.fake:
             raise TraceError(
                 f"the shape of the value at {self.trace.graph.sites[i]} cannot be known inside "
@@ -64,4 +67,10 @@ class Shapes:
             with trace._paused(), mode:
                 return evaluate(node, self.fake, trace.graph.constants, fake_mode=mode)
         except Exception as exc:
-            raise at_site(exc, trace.graph.sites[i]) from exc
+            hint = ""
+            if fake.is_data_dependent(exc):
+                hint = (
+                    "this op's output shape depends on tensor values, so it is unknown inside "
+                    "the trace; use it after the trace"
+                )
+            raise at_site(exc, trace.graph.sites[i], hint) from exc

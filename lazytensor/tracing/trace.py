@@ -35,16 +35,17 @@ import torch
 from ..backends.base import Backend, Job, JobState, RunRequest
 from ..core import ops, tree
 from ..core.errors import NodeFailure, StrictModeError, TraceError, at_site
-from ..core.graph import EVERY_CALL, Batch, Graph, Node
+from ..core.graph import Batch, Graph, Node
 from ..core.site import Site, user_frame
 from ..core.site import here as _site
 from ..runtime.evaluate import evaluate
+from . import steps
 from .args import computed_inputs, to_graph, to_values
 from .proxy import Method, Proxy
 from .publish import publish
 from .recorder import Recorder, record_torch
 from .shapes import Shapes
-from .steps import Steps
+from .steps import Selection, Steps
 
 log = logging.getLogger("lazytensor")
 
@@ -161,6 +162,7 @@ class Trace:
         self.synced.clear()
         self.shapes = None
         frame, self._frame = self._frame, None
+        steps.received(self)  # per-step values, steps that never ran
         publish(frame, self.values, self, self.containers)
         self.containers = []
 
@@ -263,19 +265,23 @@ class Trace:
         self.parts.append(part)
         return (start, self.size)
 
-    @contextlib.contextmanager
-    def all(self) -> Iterator[None]:
-        """Apply what is recorded inside at every call of the modules it touches."""
-        previous, self.call = self.call, EVERY_CALL
-        try:
-            yield
-        finally:
-            self.call = previous
+    def all(self) -> Selection:
+        """Every call of the modules accessed inside: ``with tracer.all():`` or
+        ``for _ in tracer.all():``, the same as ``tracer.iter[:]`` (see :mod:`.steps`)."""
+        return Steps(self)[:]
 
     @property
     def iter(self) -> Steps:
-        """``tracer.iter[0:8]`` yields steps; inside step i, module access means call i."""
+        """``tracer.iter[0:8]`` yields steps; inside step i, module access means call i.
+
+        ``tracer.iter[:]`` is every step that runs, ``tracer.iter[[0, 2]]`` a list, and
+        ``with tracer.iter[1:3]:`` a block recorded once for steps 1 and 2 (see :mod:`.steps`).
+        """
         return Steps(self)
+
+    def next(self) -> None:
+        """Module accesses from here on mean the next step (call) of each module."""
+        steps.advance(self)
 
     @property
     def result(self) -> Any:
@@ -309,7 +315,7 @@ class Trace:
             ops.resolve_function(target)
         elif op == "method":
             ops.check_method(target)
-        if kwargs and "out" in kwargs:
+        if kwargs and kwargs.get("out") is not None:
             raise TraceError(
                 f"out= is not supported inside a trace (at {_site()}): it writes into a tensor "
                 "behind the graph's back; assign the result instead, e.g. `y[:] = torch.add(a, b)`"
@@ -378,7 +384,7 @@ class Trace:
         i = proxy._node
         if self.state is State.DONE:
             if i in self.values:
-                return self.values[i]
+                return steps.value(self, i)
             raise TraceError(
                 f"the value recorded at {self.graph.sites[i]} was not saved: "
                 "call .save() on it inside the trace to read it afterwards"

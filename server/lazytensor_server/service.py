@@ -329,7 +329,7 @@ def _check_node(node: Node, served: ServedModel, trusted: bool) -> None:
                 "a graph may not rewrite the model's own inputs (they are the batch, held to "
                 "this server's input allow-list); send them as the request's inputs"
             )
-    elif "out" in node.kwargs:
+    elif node.kwargs.get("out") is not None:
         raise OpNotAllowedError(f"{node.target} with out= is refused: it writes behind the graph")
     elif node.op == "function":
         ops.resolve_function(node.target)
@@ -366,14 +366,18 @@ def _batch(batch: Batch, limits: Limits, *, positional: bool) -> Batch:
                 f"model input {name!r} is not accepted by this server; "
                 f"accepted: {', '.join(sorted(INPUT_KWARGS))}"
             )
+    rows = batch.size
     for value in tree.leaves((batch.args, batch.kwargs)):
-        if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != batch.size):
+        if not isinstance(value, torch.Tensor):
+            continue
+        if positional:  # a generic module's inputs need not share a batch dimension
+            rows = max(rows, value.shape[0] if value.dim() else 1)
+        elif value.dim() == 0 or value.shape[0] != batch.size:
             raise ProtocolError(
                 f"the batch claims {batch.size} rows but holds an input of shape "
                 f"{tuple(value.shape)}; every tensor input has one row per batch row"
             )
     kwargs = dict(batch.kwargs)
-    rows = batch.size
     if batch.generate:
         copies = [kwargs.get(k) for k in ("num_beams", "num_return_sequences")]
         if not all(c is None or (type(c) is int and c >= 1) for c in copies):

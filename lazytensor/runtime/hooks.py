@@ -1,0 +1,140 @@
+"""Hooks: the executor's own forward hooks, and keeping the user's out of shape-only passes.
+
+:func:`install` registers the executor's hooks: a pre-hook or a forward hook on each module a
+point node names, and, for generation, a pre-hook on the model that counts steps and reads
+each forward's row layout. A hook hands its moment to the executor and gives PyTorch back
+what the point writes replaced. Each is marked (:func:`mark`).
+
+During a shape-only pass the model runs on fake tensors, which the user's own forward hooks (a
+logger, a cache) must never see: :func:`quiet` takes them off the model's modules, and the
+global ones, for the duration of the pass and puts them back after, also on error. Hooks of the
+model's own libraries (Hugging Face's capture of ``hidden_states``) stay: the model needs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.nn.modules import module as torch_module
+
+from ..core.errors import GraphError, NodeFailure
+from .moments import TOKENS_KEY, forward_layout
+from .plan import POST, PRE, Key
+
+if TYPE_CHECKING:
+    from .executor import Executor
+
+#: The executor running in this thread/context. Hooks live on the shared module, so a hook
+#: must ignore forward passes that another thread runs on the same model at the same time.
+running: ContextVar[Executor | None] = ContextVar("lazytensor_executor", default=None)
+
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
+
+
+def install(ex: Executor) -> list[Any]:
+    """Register ``ex``'s hooks; the handles to remove them with. Resolves the modules of
+    ``module`` nodes too (a wrong path is a failure of the node that names it)."""
+    handles = []
+    try:
+        if ex.batch.generate:  # each forward is a step, with rows of its own
+            root = ex.model.register_forward_pre_hook(_root(ex), with_kwargs=True, prepend=True)
+            handles.append(root)
+        else:
+            ex.forwards = 1
+            ex.layout = forward_layout(ex.batch.args, ex.batch.kwargs, ex.batch.size)
+        for key, ids in ex.points.items():
+            if key[1] in (PRE, POST):
+                handles.append(_register(_module(ex, key[0], ids[0]), key, ex))
+            elif key == TOKENS_KEY and not ex.batch.generate:
+                raise NodeFailure(ids[0], GraphError("only a generation has tokens"))
+        first = {n.target: n.id for n in reversed(ex.graph.nodes) if n.op == "module"}
+        ex.modules = {path: _module(ex, path, first[path]) for path in ex.plan.modules}
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
+def _module(ex: Executor, path: str, node: int) -> torch.nn.Module:
+    try:
+        return ex.model.get_submodule(path)
+    except AttributeError as exc:
+        raise NodeFailure(node, AttributeError(f"the model has no module {path!r}")) from exc
+
+
+def _root(ex: Executor) -> Callable:
+    def hook(module, args, kwargs):
+        """Before each forward of the model: a new step, and the layout of its rows."""
+        if running.get() is ex and ex.side is None:
+            ex.forwards += 1
+            ex.layout = forward_layout(args, kwargs, ex.batch.size)
+
+    return mark(hook)
+
+
+def _register(module: torch.nn.Module, key: Key, ex: Executor) -> Any:
+    def moment(value: Any) -> Any:
+        if running.get() is not ex or not ex.sides.listens(ex.side, key):
+            return None
+        ex.current, ex.replaced = value, False
+        ex._fire(key)
+        new, ex.current = ex.current, None
+        return new if ex.replaced else None
+
+    if key[1] == PRE:
+        pre = mark(lambda module, args, kwargs: moment((args, kwargs)))
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+    return module.register_forward_hook(mark(lambda module, args, output: moment(output)))
+
+
+def mark(hook: Callable) -> Callable:
+    """Mark ``hook`` as the executor's own: :func:`quiet` leaves it in place."""
+    hook._lazytensor = True  # type: ignore[attr-defined]
+    return hook
+
+
+#: Libraries whose forward hooks are part of how the model computes (Hugging Face's output
+#: capture fills ``hidden_states``): they stay during a shape-only pass.
+_LIBRARIES = frozenset(("transformers", "accelerate", "peft", "torch"))
+
+
+def _kept(hook: Callable) -> bool:
+    """The executor's own hooks and the model libraries': not the user's."""
+    if getattr(hook, "_lazytensor", False):
+        return True
+    function = getattr(hook, "func", hook)  # a functools.partial
+    return (getattr(function, "__module__", None) or "").split(".")[0] in _LIBRARIES
+
+
+def _kept_of(hooks: OrderedDict) -> OrderedDict:
+    return OrderedDict((k, h) for k, h in hooks.items() if _kept(h))
+
+
+@contextlib.contextmanager
+def quiet(model: torch.nn.Module) -> Iterator[None]:
+    """Run the block without the user's forward hooks on ``model`` (and global ones)."""
+    stashed: list[tuple[Any, str, OrderedDict, set]] = []
+    owners = [(m, _MODULE_HOOKS) for m in model.modules()] + [(torch_module, _GLOBAL_HOOKS)]
+    try:
+        for owner, names in owners:
+            for name in names:
+                hooks = getattr(owner, name)
+                if hooks:
+                    kept = _kept_of(hooks)
+                    stashed.append((owner, name, hooks, set(kept)))
+                    setattr(owner, name, kept)
+        yield
+    finally:
+        for owner, name, hooks, kept in reversed(stashed):
+            during = getattr(owner, name)  # a library may add or drop a hook meanwhile
+            for key in kept - during.keys():
+                hooks.pop(key, None)
+            hooks.update((k, h) for k, h in during.items() if k not in kept)
+            setattr(owner, name, hooks)
