@@ -1,0 +1,310 @@
+"""Tests for lazytensor/tracing/proxy.py: a proxy records, its trace decides.
+
+Most tests give a proxy a stand-in trace that only logs what the proxy asks of it, so they
+check the proxy's own contract: which request each Python operation turns into. A few record
+into a real trace and read the nodes it added.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lazytensor as lt
+from lazytensor.core.errors import OpNotAllowedError, StrictModeError, TraceError
+from lazytensor.core.graph import Const, Ref
+from lazytensor.tracing.proxy import Proxy
+from models import TinyMLP
+
+
+class Log:
+    """A stand-in trace: logs each request and answers materializations with ``value``."""
+
+    def __init__(self, value=None) -> None:
+        self.value = torch.tensor(3.0) if value is None else value
+        self.calls: list[tuple] = []
+
+    def apply(self, op, target, args, kwargs=None):
+        self.calls.append(("apply", op, target, args, kwargs or {}))
+        return "recorded"
+
+    def apply_torch(self, func, args, kwargs):
+        self.calls.append(("torch", func, args, kwargs))
+        return "recorded"
+
+    def materialize(self, proxy, how):
+        self.calls.append(("materialize", proxy._node))
+        return how(self.value)
+
+    def attribute(self, proxy, name):
+        self.calls.append(("attribute", proxy._node, name))
+        return "attribute"
+
+    def set_attribute(self, proxy, name, value):
+        self.calls.append(("set_attribute", proxy._node, name, value))
+
+    def call_value(self, proxy, args, kwargs):
+        self.calls.append(("call", proxy._node, args, kwargs))
+
+    def length(self, proxy):
+        self.calls.append(("length", proxy._node))
+        return 2
+
+    def save(self, proxy):
+        self.calls.append(("save", proxy._node))
+
+    def value_of(self, proxy):
+        self.calls.append(("value_of", proxy._node))
+        return self.value
+
+
+@pytest.fixture
+def log() -> Log:
+    return Log()
+
+
+@pytest.fixture
+def p(log: Log) -> Proxy:
+    return Proxy(log, 0)
+
+
+# -- operators --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("op", "target"),
+    [
+        (operator.add, "operator.add"),
+        (operator.sub, "operator.sub"),
+        (operator.mul, "operator.mul"),
+        (operator.truediv, "operator.truediv"),
+        (operator.floordiv, "operator.floordiv"),
+        (operator.mod, "operator.mod"),
+        (operator.pow, "operator.pow"),
+        (operator.matmul, "operator.matmul"),
+        (operator.and_, "operator.and_"),
+        (operator.or_, "operator.or_"),
+        (operator.xor, "operator.xor"),
+        (operator.lshift, "operator.lshift"),
+        (operator.rshift, "operator.rshift"),
+        (operator.eq, "operator.eq"),
+        (operator.ne, "operator.ne"),
+        (operator.lt, "operator.lt"),
+        (operator.le, "operator.le"),
+        (operator.gt, "operator.gt"),
+        (operator.ge, "operator.ge"),
+    ],
+)
+def test_binary_operators_record_their_function(log: Log, p: Proxy, op, target: str) -> None:
+    assert op(p, 2) == "recorded"
+    assert log.calls == [("apply", "function", target, (p, 2), {})]
+
+
+@pytest.mark.parametrize(
+    ("op", "target"),
+    [
+        (operator.add, "operator.add"),
+        (operator.sub, "operator.sub"),
+        (operator.mul, "operator.mul"),
+        (operator.truediv, "operator.truediv"),
+        (operator.floordiv, "operator.floordiv"),
+        (operator.mod, "operator.mod"),
+        (operator.pow, "operator.pow"),
+        (operator.and_, "operator.and_"),
+        (operator.or_, "operator.or_"),
+        (operator.xor, "operator.xor"),
+    ],
+)
+def test_reflected_operators_keep_the_operand_order(log: Log, p: Proxy, op, target) -> None:
+    assert op(5, p) == "recorded"
+    assert log.calls == [("apply", "function", target, (5, p), {})]
+
+
+@pytest.mark.parametrize(
+    ("op", "target"),
+    [
+        (operator.neg, "operator.neg"),
+        (operator.pos, "operator.pos"),
+        (operator.abs, "operator.abs"),
+        (operator.invert, "operator.invert"),
+    ],
+)
+def test_unary_operators(log: Log, p: Proxy, op, target: str) -> None:
+    assert op(p) == "recorded"
+    assert log.calls == [("apply", "function", target, (p,), {})]
+
+
+@pytest.mark.parametrize(
+    ("op", "method"),
+    [
+        (operator.iadd, "add_"),
+        (operator.isub, "sub_"),
+        (operator.imul, "mul_"),
+        (operator.itruediv, "div_"),
+        (operator.ipow, "pow_"),
+    ],
+)
+def test_in_place_operators_record_the_in_place_method(log: Log, p: Proxy, op, method) -> None:
+    assert op(p, 2) == "recorded"
+    assert log.calls == [("apply", "method", method, (p, 2), {})]
+
+
+def test_indexing_and_item_assignment(log: Log, p: Proxy) -> None:
+    key = (slice(None), 0)
+    assert p[key] == "recorded"
+    p[..., 1] = 7.0
+    assert log.calls == [
+        ("apply", "function", "operator.getitem", (p, key), {}),
+        ("apply", "function", "operator.setitem", (p, (..., 1), 7.0), {}),
+    ]
+
+
+# -- torch functions ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "func"),
+    [
+        (lambda p: torch.relu(p), torch.relu),
+        (lambda p: F.softmax(p, dim=-1), F.softmax),
+        (lambda p: torch.cat([torch.ones(1), p]), torch.cat),
+        (lambda p: torch.add(torch.ones(1), other=p), torch.add),
+    ],
+    ids=["positional", "functional", "in-a-list", "keyword"],
+)
+def test_torch_functions_reach_the_trace_through_torch_function(log: Log, p, call, func) -> None:
+    assert call(p) == "recorded"
+    [(kind, got, args, kwargs)] = log.calls
+    assert kind == "torch" and got is func
+
+
+def test_a_tensor_on_the_left_of_an_operator_also_reaches_the_trace(log: Log, p: Proxy) -> None:
+    left = torch.ones(2)
+    assert left - p == "recorded"
+    [(kind, func, args, kwargs)] = log.calls
+    assert kind == "torch" and args[0] is left and args[1] is p
+
+
+# -- what the trace decides ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("use", "expected"),
+    [
+        (bool, True),
+        (int, 3),
+        (float, 3.0),
+        (operator.index, 3),
+        (repr, "tensor(3)"),
+        (str, "tensor(3)"),
+        (lambda p: f"{p:>3}", "  3"),
+        (lambda p: 3 in p, True),
+        (np.asarray, np.asarray(3)),
+        (lambda p: [10, 20, 30, 40][p], 40),
+    ],
+    ids=["bool", "int", "float", "index", "repr", "str", "format", "in", "array", "as-index"],
+)
+def test_materialization_points_ask_the_trace(use, expected) -> None:
+    log = Log(torch.tensor(3))
+    p = Proxy(log, 4)
+    assert use(p) == expected
+    assert log.calls == [("materialize", 4)]
+
+
+def test_len_and_iteration_ask_the_trace_for_the_length(log: Log, p: Proxy) -> None:
+    assert len(p) == 2
+    assert log.calls == [("length", 0)]
+    items = [item for item in iter(p)]
+    assert items == ["recorded", "recorded"]
+    assert log.calls[1:] == [
+        ("length", 0),
+        ("apply", "function", "operator.getitem", (p, 0), {}),
+        ("apply", "function", "operator.getitem", (p, 1), {}),
+    ]
+
+
+def test_attributes_and_the_public_surface_go_to_the_trace(log: Log, p: Proxy) -> None:
+    assert (p.shape, p.dtype, p.device, p.ndim, p.logits) == ("attribute",) * 5
+    assert p.save() is p
+    assert p.value is log.value
+    p.weight = 1
+    p(2, k=3)
+    assert log.calls == [
+        ("attribute", 0, "shape"),
+        ("attribute", 0, "dtype"),
+        ("attribute", 0, "device"),
+        ("attribute", 0, "ndim"),
+        ("attribute", 0, "logits"),
+        ("save", 0),
+        ("value_of", 0),
+        ("set_attribute", 0, "weight", 1),
+        ("call", 0, (2,), {"k": 3}),
+    ]
+
+
+def test_dunder_lookups_are_not_recorded(log: Log, p: Proxy) -> None:
+    assert not hasattr(p, "__array_interface__")
+    assert not hasattr(p, "__deepcopy__")
+    assert log.calls == []
+    assert hash(p) == id(p)  # usable in sets, though == records
+
+
+@pytest.mark.parametrize(
+    "dump",
+    [pickle.dumps, copy.copy, copy.deepcopy, lambda p: torch.save(p, "/dev/null")],
+    ids=["pickle", "copy", "deepcopy", "torch.save"],
+)
+def test_a_proxy_cannot_be_pickled(log: Log, p: Proxy, dump) -> None:
+    with pytest.raises(TraceError, match="cannot be pickled"):
+        dump(p)
+    assert log.calls == []
+
+
+# -- into a real trace ---------------------------------------------------------------------------
+
+
+def test_recording_into_a_real_trace(tiny_mlp: TinyMLP) -> None:
+    net = lt.Model(tiny_mlp)
+    weight = torch.ones(16, 2)
+    with net.trace(torch.ones(2, 8)) as tracer:
+        h = net.layer1.output
+        start = len(tracer.graph.nodes)
+        a = 1 - h
+        b = h @ weight
+        product = b._node
+        b += 2
+        c = torch.relu(h)
+        d = h.transpose(0, 1)
+        e = F.softmax(h, dim=-1)
+    added = [(n.op, n.target, n.args, n.kwargs) for n in tracer.graph.nodes[start:]]
+    assert added == [
+        ("function", "operator.sub", (1, Ref(h._node)), {}),
+        ("function", "operator.matmul", (Ref(h._node), Const(0)), {}),
+        ("method", "add_", (Ref(product), 2), {}),
+        ("function", "torch.relu", (Ref(h._node),), {}),
+        ("method", "transpose", (Ref(h._node), 0, 1), {}),
+        ("function", "torch.nn.functional.softmax", (Ref(h._node),), added[5][3]),
+    ]
+    assert added[5][3]["dim"] == -1
+    assert tracer.graph.constants[0] is weight
+    assert [p._node for p in (a, b, c, d, e)] == [start, start + 2, start + 3, start + 4, start + 5]
+
+
+def test_a_function_outside_the_allow_list_is_refused_while_recording(tiny_mlp) -> None:
+    net = lt.Model(tiny_mlp)
+    with pytest.raises(OpNotAllowedError, match="allow-list"):
+        with net.trace(torch.ones(2, 8)):
+            torch.fft.fft(net.layer1.output)
+
+
+def test_a_strict_trace_refuses_materialization(tiny_mlp: TinyMLP) -> None:
+    net = lt.Model(tiny_mlp)
+    with pytest.raises(StrictModeError, match="strict"):
+        with net.trace(torch.ones(2, 8), strict=True):
+            bool(net.layer1.output.sum() > 0)
