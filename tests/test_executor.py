@@ -390,3 +390,14 @@ def test_a_single_call_node_sees_only_that_call() -> None:
     seen = []
     hooked(loop, x, pre=[(loop.block, lambda m, a: seen.append(a[0]))])
     exact(got[read.id], seen[2])
+
+
+def test_a_value_nothing_reads_is_freed_at_once(tiny_mlp: TinyMLP) -> None:
+    g = Graph()
+    a = g.add("output", "layer1")
+    g.add("method", "mul_", (Ref(a.id), 2.0))  # a bare in-place edit: no user, not saved
+    c = g.add("output", "layer2")
+    g.add("function", "torch.sum", (Ref(c.id),))
+    executor = Executor(tiny_mlp, g, Batch((torch.randn(3, 8),), {}, 3))
+    assert executor.run() == {}
+    assert all(value is None for value in executor.values)

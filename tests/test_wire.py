@@ -588,3 +588,13 @@ def test_named_tuple_fields_must_be_plain_identifiers(fields):
     header = msgpack.packb({"kind": "x", "body": msgpack.ExtType(11, payload), "tensors": []})
     with pytest.raises(ProtocolError):
         wire.decode([wire.VERSION_FRAME, header])
+
+
+def test_a_contiguous_tensor_with_an_odd_stride_travels():
+    # x[:, 0] of a (1, L) tensor is "contiguous" with stride (L,): its bytes need one copy.
+    for tensor in (
+        torch.arange(12.0).reshape(1, 12)[:, 0],
+        torch.arange(12.0).reshape(1, 12)[:, :1],
+    ):
+        (back,) = decode(encode("result", {"t": tensor})).body.values()
+        assert torch.equal(back, tensor)

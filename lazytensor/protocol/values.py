@@ -179,7 +179,10 @@ def _tensor_frame(t: torch.Tensor) -> tuple[dict, memoryview]:
         raise TypeError(f"cannot send a {t.layout} tensor on {t.device}; send a dense tensor")
     name = _dtype_name(t.dtype)
     data = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
-    raw = data.reshape(-1).view(torch.uint8)  # (nbytes,), same memory as `data`
+    flat = data.reshape(-1)  # (numel,)
+    if flat.stride(0) != 1:  # "contiguous", yet a size-1 dimension kept an odd stride
+        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
+    raw = flat.view(torch.uint8)  # (nbytes,), the same memory as `flat`
     spec = {"dtype": name, "shape": list(data.shape), "nbytes": raw.numel()}
     return spec, memoryview(raw.numpy()).toreadonly()
 

@@ -281,6 +281,9 @@ class Executor:
             self.pending_users[d] -= 1
             if self.pending_users[d] == 0 and d not in self.keep and d not in self.repeating:
                 self.values[d] = None
+        if not self.users[i] and i not in self.keep and i not in self.repeating:
+            if self.fake_mode is None:  # nothing reads it (a bare `x.mul_(2)`): free it now
+                self.values[i] = None
         for u in self.users[i]:
             self.waiting[u] -= 1
             if self.waiting[u] == 0 and (u not in self.key_of or self._is_active(u)):
