@@ -56,27 +56,40 @@ def test_a_different_structure_gets_its_own_plan(small_cache, other) -> None:
     assert Plan.of(probe_graph(torch.zeros(16))) is plan
 
 
-@pytest.mark.parametrize("value", [2, 2.0, True], ids=["int", "float", "bool"])
-def test_equal_scalars_of_different_types_are_different_structures(small_cache, value) -> None:
+def test_scalar_arguments_do_not_change_the_plan(small_cache) -> None:
+    # A plan is data flow and hook points: `x * 2` and `x * 3.0` replay alike.
     def graph(v):
         g = Graph()
         g.add("function", "torch.mul", (Ref(g.add("output", "layer1").id), v))
         return g
 
-    plans = {id(Plan.of(graph(v))) for v in (2, 2.0, True)}
-    assert len(plans) == 3
-    assert Plan.of(graph(value)) is Plan.of(graph(value))
+    plans = {id(Plan.of(graph(v))) for v in (2, 2.0, True, 3)}
+    assert len(plans) == 1
+    g = graph(2)
+    g.add("function", "torch.add", (Ref(1), 1))  # recording goes on: the graph is planned anew
+    assert Plan.of(g) is not Plan.of(graph(2))
 
 
 def test_the_cache_keeps_the_most_recently_used_plans(small_cache) -> None:
-    g0, g1, g2 = (probe_graph(torch.ones(1), call=c) for c in range(3))
-    p0, p1 = Plan.of(g0), Plan.of(g1)
-    assert Plan.of(g0) is p0  # a hit: g0 is now the most recently used
-    p2 = Plan.of(g2)  # evicts g1, the least recently used
+    def fresh(call: int) -> Graph:  # a new graph each time: a graph also remembers its plan
+        return probe_graph(torch.ones(1), call=call)
+
+    p0, p1 = Plan.of(fresh(0)), Plan.of(fresh(1))
+    assert Plan.of(fresh(0)) is p0  # a hit: structure 0 is now the most recently used
+    p2 = Plan.of(fresh(2))  # evicts structure 1, the least recently used
     assert len(small_cache) == 2
-    assert Plan.of(g0) is p0 and Plan.of(g2) is p2
-    assert Plan.of(g1) is not p1  # planned again, evicting g0
-    assert Plan.of(g0) is not p0
+    assert Plan.of(fresh(0)) is p0 and Plan.of(fresh(2)) is p2
+    assert Plan.of(fresh(1)) is not p1  # planned again, evicting structure 0
+    assert Plan.of(fresh(0)) is not p0
+
+
+def test_a_graph_remembers_its_plan_until_it_grows(small_cache) -> None:
+    graph = probe_graph(torch.ones(1))
+    plan = Plan.of(graph)
+    small_cache.clear()
+    assert Plan.of(graph) is plan
+    graph.add("output", "layer3")
+    assert Plan.of(graph) is not plan
 
 
 # -- what a plan holds -------------------------------------------------------------------------

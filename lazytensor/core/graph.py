@@ -79,6 +79,7 @@ class Node:
     rows: tuple[int, int] | None = None
     _deps: tuple[int, ...] | None = field(default=None, init=False, repr=False, compare=False)
     _key: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _shape: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def is_point(self) -> bool:
@@ -94,8 +95,24 @@ class Node:
     def deps(self) -> tuple[int, ...]:
         """The distinct ids this node reads, ascending (computed once: args never change)."""
         if self._deps is None:
-            self._deps = tuple(sorted(set(self.refs())))
+            self._deps = tuple(sorted(set(self.refs()))) if self.args or self.kwargs else ()
         return self._deps
+
+    def shape(self) -> tuple:
+        """What a replay plan needs of this node (cheap: no walk of its arguments): op,
+        target, the nodes it reads, its call, whether its first argument is a node's value,
+        and an ``inplace=True`` flag. Equal shapes plan alike."""
+        if self._shape is None:
+            first = self.args[0] if self.args else None
+            self._shape = (
+                self.op,
+                self.target,
+                self.deps(),
+                self.call,
+                first.id if type(first) is Ref else None,
+                self.kwargs.get("inplace") is True if self.kwargs else False,
+            )
+        return self._shape
 
     def key(self) -> tuple:
         """This node's part of :meth:`Graph.structure_key` (computed once)."""
@@ -140,6 +157,8 @@ class Graph:
     constants: list[Any] = field(default_factory=list)
     saved: list[int] = field(default_factory=list)
     sites: list[Site | None] = field(default_factory=list)
+    #: ``(node count, plan)`` of the last replay plan (see :class:`lazytensor.runtime.plan.Plan`).
+    planned: Any = field(default=None, repr=False, compare=False)
 
     def add(
         self,

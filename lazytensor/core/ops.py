@@ -206,6 +206,7 @@ _ZEROED_FUNCTIONS = {"torch.empty": "torch.zeros", "torch.empty_like": "torch.ze
 _ZEROED_METHODS = {"new_empty": "new_zeros"}
 
 
+@functools.cache
 def runnable_function(name: str) -> Callable[..., Any]:
     """What a replay calls for the allow-listed function ``name`` (see ``_ZEROED_FUNCTIONS``)."""
     return resolve_function(_ZEROED_FUNCTIONS.get(name, name))

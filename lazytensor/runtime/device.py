@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -9,11 +10,19 @@ import torch
 from ..core import tree
 from ..core.graph import Batch
 
+#: Each module's first parameter, found once: the same Parameter object stays across ``.to()``.
+_FIRST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def device_of(module: Any) -> torch.device:
     """Where ``module``'s first parameter lives (CPU for a module without parameters)."""
-    parameters = getattr(module, "parameters", None)
-    param = next(parameters(), None) if parameters is not None else None
+    try:
+        param = _FIRST[module]
+    except (KeyError, TypeError):
+        parameters = getattr(module, "parameters", None)
+        param = next(parameters(), None) if parameters is not None else None
+        if param is not None:
+            _FIRST[module] = param
     if param is None or param.device.type == "meta":
         return torch.device("cpu")
     return param.device

@@ -50,6 +50,8 @@ from .evaluate import call_function, call_method, call_python, read_attribute, r
 from .moments import RESULT_KEY, TOKENS_KEY, Sides, describe, rows_layout
 from .plan import Plan
 
+_PLAIN = frozenset((int, float, bool, str, type(None)))  # arguments that are their own value
+
 
 class _Stop(Exception):
     """Raised inside the forward once the value a materialization asked for exists."""
@@ -318,8 +320,13 @@ class Executor:
         return resolve(arg, self.values, self.graph.constants, self.fake_mode)
 
     def _args(self, node: Node) -> tuple[tuple, dict]:
-        values, value = self.values, self._value
-        args = tuple([values[a.id] if type(a) is Ref else value(a) for a in node.args])
+        values, value, plain = self.values, self._value, _PLAIN
+        args = tuple(
+            [
+                values[a.id] if type(a) is Ref else a if type(a) in plain else value(a)
+                for a in node.args
+            ]
+        )
         return args, (value(node.kwargs) if node.kwargs else {})
 
     def _check_write(self, node: Node) -> None:

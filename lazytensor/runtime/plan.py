@@ -1,9 +1,10 @@
 """Plan: what a replay needs to know about a graph's shape, computed once per structure.
 
 A :class:`Plan` is the data flow of a graph and where its point nodes wait in the forward pass.
-It depends only on the graph's *structure* (its nodes, not its constant values), so
-:meth:`Plan.of` keeps plans in a small cache keyed by the nodes' structure: a trace repeated in a
-loop, or a server answering the same experiment for many users, plans it once.
+It depends only on the graph's *structure* (what each node is and reads, not its constants or
+scalar arguments), so :meth:`Plan.of` keeps plans in a small cache keyed by the nodes'
+:meth:`~lazytensor.core.graph.Node.shape`: a trace repeated in a loop, or a server answering the
+same experiment for many users, plans it once; and a graph remembers its own plan.
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ class Plan:
     @classmethod
     def of(cls, graph: Graph) -> Plan:
         """The plan of ``graph``, from the cache when a graph of this structure was planned."""
-        key = tuple([node.key() for node in graph.nodes])
+        planned = graph.planned
+        if planned is not None and planned[0] == len(graph.nodes):
+            return planned[1]
+        key = tuple([node.shape() for node in graph.nodes])
         cache = cls._cache
         plan = cache.get(key)
         if plan is None:
@@ -64,6 +68,7 @@ class Plan:
                 cache.popitem(last=False)
         else:
             cache.move_to_end(key)
+        graph.planned = (len(graph.nodes), plan)
         return plan
 
     @classmethod

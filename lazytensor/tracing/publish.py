@@ -30,6 +30,7 @@ _MAX_DEPTH = 16
 #: How many container items one publish may visit: a frame holding a huge list of numbers
 #: costs a bounded walk (names bound to proxies themselves are always rebound).
 _BUDGET = 100_000
+_ATOMS = frozenset((int, float, bool, str, bytes, type(None)))
 
 
 def publish(frame: FrameType | None, values: dict[int, Any], trace: Any, extra: list) -> None:
@@ -89,6 +90,8 @@ class _Walk:
         keys = range(len(value)) if kind is list else list(value)
         for key in keys:
             item = value[key]
+            if type(item) in _ATOMS:  # most items of a big list: nothing to do
+                continue
             new = self.real(item, depth + 1)
             if new is not item:
                 value[key] = new
@@ -96,7 +99,7 @@ class _Walk:
 
     def _steps(self, item: Any) -> PerStep | None:
         """The per-step values of ``item`` if it is a saved proxy of several steps."""
-        if isinstance(item, Proxy) and item._trace is self.trace:
+        if type(item) is Proxy and item._trace is self.trace:
             found = self.values.get(item._node)
             return found if isinstance(found, PerStep) else None
         return None
