@@ -132,7 +132,8 @@ class Executor:
         return values
 
     def _run(self) -> dict[int, Any]:
-        handles = hooks.install(self)
+        with hooks.LOCK:
+            handles = hooks.install(self)
         mode = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
         try:
             with torch.no_grad(), mode:
@@ -158,8 +159,9 @@ class Executor:
                     if self.fake_mode is None or not fake.is_data_dependent(exc):
                         raise
         finally:
-            for handle in handles:
-                handle.remove()
+            with hooks.LOCK:
+                for handle in handles:
+                    handle.remove()
         if self.fake_mode is not None:
             return {i: v for i, v in enumerate(self.values) if self.done[i]}
         outcome.check_all_ran(self)

@@ -14,6 +14,7 @@ model's own libraries (Hugging Face's capture of ``hidden_states``) stay: the mo
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -113,28 +114,37 @@ def _kept(hook: Callable) -> bool:
     return (getattr(function, "__module__", None) or "").split(".")[0] in _LIBRARIES
 
 
-def _kept_of(hooks: OrderedDict) -> OrderedDict:
-    return OrderedDict((k, h) for k, h in hooks.items() if _kept(h))
+#: Held while hooks are taken off for a shape-only pass or put back, and while the executor
+#: registers or removes its own: the hook dicts are shared by every thread using the model.
+LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
 def quiet(model: torch.nn.Module) -> Iterator[None]:
-    """Run the block without the user's forward hooks on ``model`` (and global ones)."""
-    stashed: list[tuple[Any, str, OrderedDict, set]] = []
+    """Run the block without the user's forward hooks on ``model`` (and global ones).
+
+    The hook dicts stay the same objects (a hook's handle removes it from the dict it was
+    added to, from any thread): the user's hooks are taken out in place and put back in
+    their places afterwards, also on error.
+    """
+    stashed: list[tuple[OrderedDict, list, list]] = []
     owners = [(m, _MODULE_HOOKS) for m in model.modules()] + [(torch_module, _GLOBAL_HOOKS)]
-    try:
+    with LOCK:
         for owner, names in owners:
             for name in names:
                 hooks = getattr(owner, name)
-                if hooks:
-                    kept = _kept_of(hooks)
-                    stashed.append((owner, name, hooks, set(kept)))
-                    setattr(owner, name, kept)
+                users = [(k, h) for k, h in hooks.items() if not _kept(h)]
+                if users:
+                    stashed.append((hooks, list(hooks), users))
+                    for key, _ in users:
+                        del hooks[key]
+    try:
         yield
     finally:
-        for owner, name, hooks, kept in reversed(stashed):
-            during = getattr(owner, name)  # a library may add or drop a hook meanwhile
-            for key in kept - during.keys():
-                hooks.pop(key, None)
-            hooks.update((k, h) for k, h in during.items() if k not in kept)
-            setattr(owner, name, hooks)
+        with LOCK:
+            for hooks, order, users in stashed:
+                now = dict(hooks)
+                now.update((k, h) for k, h in users if k not in now)
+                hooks.clear()
+                hooks.update((k, now.pop(k)) for k in order if k in now)
+                hooks.update(now)  # added during the pass: after the others

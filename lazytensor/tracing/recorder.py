@@ -14,7 +14,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..core import ops
-from .args import has_proxy
+from ..core.site import here
+from .args import has_proxy, to_graph
+from .proxy import Proxy
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -52,3 +54,16 @@ def record_torch(trace: Trace, func: Any, args: tuple, kwargs: dict) -> Any:
     if on_tensor and ops.is_method(name):
         return trace.apply("method", name, args, kwargs)
     return trace.apply("function", ops.function_name(func), args, kwargs)
+
+
+def record_python(trace: Trace, fn: Any, args: tuple, kwargs: dict) -> Proxy:
+    """Record a call of the user's own function: the function itself stays in the graph, so a
+    local run calls it (its side effects and closure are the user's own); only a remote run
+    ships it, as cloudpickle bytes (see :func:`lazytensor.protocol.messages.encode_graph`)."""
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+    refs: list[int] = []
+    graph_args = (fn, *to_graph(args, trace, refs))
+    graph_kwargs = to_graph(kwargs, trace, refs) if kwargs else {}
+    node = trace.graph.add("python", name, graph_args, graph_kwargs, site=here())
+    node._deps = tuple(sorted(set(refs)))
+    return Proxy(trace, node.id)

@@ -16,19 +16,16 @@ real values::
 A trace knows nothing of models: it gets its inputs adapter (what an invoke's inputs become, how
 invokes join into a batch) and its backend from whoever opens it.
 
-Tracing state is per thread and per context (:mod:`contextvars`); importing lazytensor
-patches nothing, and the torch-function mode that captures factory calls such as
-``torch.zeros`` is active only inside the block.
+Importing lazytensor patches nothing: the torch-function mode that captures factory calls such
+as ``torch.zeros`` is active only inside the block (:mod:`.recorder`, :mod:`.state`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 from collections.abc import Iterator
-from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -43,39 +40,17 @@ from . import steps
 from .args import computed_inputs, to_graph, to_values
 from .proxy import Method, Proxy
 from .publish import publish
-from .recorder import Recorder, record_torch
+from .recorder import Recorder, record_python, record_torch
 from .shapes import Shapes
+from .state import Inputs, State, current, enter, leave
 from .steps import Selection, Steps
 
 log = logging.getLogger("lazytensor")
 
-_current: ContextVar[Trace | None] = ContextVar("lazytensor_trace", default=None)
 _META_ATTRIBUTES = frozenset(("shape", "dtype", "device", "ndim", "is_cuda", "layout"))
 _META_METHODS = frozenset(("size", "dim", "numel", "ndimension", "nelement", "element_size",
                            "is_floating_point", "is_contiguous"))  # fmt: skip
 _VALUE_METHODS = frozenset(("item", "tolist", "numpy"))
-
-
-class State(enum.Enum):
-    RECORDING = "recording"
-    SUBMITTED = "submitted"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class Inputs(Protocol):
-    """What a trace asks of a model about inputs (see :mod:`lazytensor.frontend.inputs`)."""
-
-    def prepare(self, args: tuple, kwargs: dict) -> Any:
-        """One invoke's inputs as a part with a ``size`` (its number of batch rows)."""
-
-    def batch(self, parts: list, *, generate: bool, options: dict) -> Batch:
-        """The parts of every invoke joined into the inputs of one run."""
-
-
-def current() -> Trace | None:
-    """The trace being recorded in this thread/context, if any."""
-    return _current.get()
 
 
 class Trace:
@@ -128,7 +103,7 @@ class Trace:
     def __enter__(self) -> Trace:
         if self.state is not State.RECORDING or self._token is not None:
             raise TraceError(f"a trace can be entered once; this one is {self.state.value}")
-        self._token = _current.set(self)
+        self._token = enter(self)
         self._mode = Recorder(self)
         self._mode.__enter__()
         return self
@@ -136,7 +111,7 @@ class Trace:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._mode.__exit__(exc_type, exc, tb)
         self._mode = None  # it refers back to this trace: free the trace without the gc
-        _current.reset(self._token)
+        leave(self._token)
         if exc_type is not None:
             self.state = State.FAILED
             return False
@@ -155,7 +130,7 @@ class Trace:
         return False
 
     def is_current(self) -> bool:
-        return _current.get() is self
+        return current() is self
 
     def _finish(self) -> None:
         self.state = State.DONE
@@ -338,15 +313,7 @@ class Trace:
         if self.state is State.DONE:
             return fn(*to_values(args), **to_values(kwargs))
         self._check_recording()
-        # The function itself stays in the graph, so a local run calls it (its side effects
-        # and closure are the user's own); only a remote run ships it, as cloudpickle bytes.
-        name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
-        refs: list[int] = []
-        graph_args = (fn, *to_graph(args, self, refs))
-        graph_kwargs = to_graph(kwargs, self, refs) if kwargs else {}
-        node = self.graph.add("python", name, graph_args, graph_kwargs, site=_site())
-        node._deps = tuple(sorted(set(refs)))
-        return Proxy(self, node.id)
+        return record_python(self, fn, args, kwargs)
 
     def save(self, proxy: Proxy) -> None:
         if proxy._trace is not self:
@@ -461,7 +428,7 @@ class Trace:
 
         No trace is current meanwhile, so the recorder of an enclosing trace stands aside too.
         """
-        token = _current.set(None)
+        token = enter(None)
         mode = self._mode
         paused = mode.paused if mode is not None else False
         if mode is not None:  # a lazy trace records outside any block, without a mode
@@ -471,4 +438,4 @@ class Trace:
         finally:
             if mode is not None:
                 mode.paused = paused
-            _current.reset(token)
+            leave(token)
