@@ -314,3 +314,17 @@ def test_a_client_with_no_server_fails_fast_naming_the_address():
         client.models()
     assert time.monotonic() - started < 10
     client.close()
+
+
+def test_input_forms_and_aliases_remotely(inproc_client, local_llama):
+    enc = local_llama.tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="right")
+    want = logits_by_hand(local_llama, PROMPTS)
+    with local_llama.trace(**enc, remote=inproc_client):
+        logits = local_llama.output.logits.save()
+    torch.testing.assert_close(logits, want, rtol=0, atol=0)
+    handle = inproc_client.model("llama", rename={"model.layers": "layers", "mlp": "ff"})
+    with handle.trace(PROMPTS[0]):
+        ff = handle.layers[1].ff.output.save()
+    with local_llama.trace(PROMPTS[0]):
+        mlp = local_llama.model.layers[1].mlp.output.save()
+    torch.testing.assert_close(ff, mlp, rtol=0, atol=0)

@@ -69,15 +69,25 @@ class Client(Connection):
         >>> model = client.model("llama")                  # doctest: +SKIP
     """
 
-    def model(self, name: str) -> LanguageModel:
+    def model(
+        self,
+        name: str,
+        *,
+        rename: dict[str, str] | None = None,
+        envoys: dict[str, type] | None = None,
+    ) -> LanguageModel:
         """A handle on a served model, built from the server's description of it.
 
         No weights, model class or config are needed here: the handle's envoy tree mirrors
-        the server's module tree and its tokenizer is the one the server ships.
+        the server's module tree and its tokenizer is the one the server ships. ``rename``
+        and ``envoys`` are as for :class:`~lazytensor.LanguageModel` (they live here only).
         """
         info = self.describe(name)
         spec = ModuleSpec.from_dict(info.tree)
-        return LanguageModel(spec, tokenizer=_tokenizer(info.tokenizer), remote=(self, name))
+        tokenizer = _tokenizer(info.tokenizer)
+        return LanguageModel(
+            spec, tokenizer=tokenizer, remote=(self, name), rename=rename, envoys=envoys
+        )
 
 
 def connect(address: str | None = None, api_key: str | None = None, **kwargs: Any) -> Client:
