@@ -614,3 +614,12 @@ def test_a_huge_header_is_refused_before_it_is_decoded(make_service, still_serve
     peer.error(frames, "ProtocolError", "max_header_bytes")
     assert time.monotonic() - started < 2.0  # refused by its size, not after unpacking it
     still_serves(peer)
+
+
+def test_no_work_before_the_key_is_checked(make_service):
+    peer = Peer(make_service(keys=Keys({"s3cret": "alice"})))
+    pad = [[]] * (7 << 20)  # 7 MiB of empty arrays, just under the header limit
+    frames = frames_of({"id": "x", "pad": pad, "key": "wrong"}, kind="models")
+    started = time.monotonic()
+    peer.error(frames, "PermissionError", "invalid or missing API key")
+    assert time.monotonic() - started < 1.0  # refused by the key, the header never built

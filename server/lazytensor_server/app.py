@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -199,5 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})
     service = Service(models, keys, limits, trusted=args.trusted_clients)
     App(service, f"tcp://{args.host}:{args.port}", grace=args.grace).run()
+    busy = [t.name for t in threading.enumerate() if t.name.startswith("worker-") and t.is_alive()]
+    if busy:  # a job ran past --grace: exit now rather than tear torch down under it
+        log.warning("server stopped with jobs still running past --grace: %s", ", ".join(busy))
+        logging.shutdown()
+        os._exit(0)
     log.info("server stopped")
     return 0

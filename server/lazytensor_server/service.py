@@ -98,6 +98,8 @@ class Service:
         size = _size(frames)
         try:
             check("request bytes", size, self.limits.max_request_bytes, "--max-request-bytes")
+            if not self.keys.open:  # no work for a peer without a key: check it first, cheaply
+                self._check_key_first(frames)
             request = m.decode_request(frames, self.wire_limits)
             request_id = request.id
             key_name = self.keys.name_of(request.key)
@@ -136,6 +138,19 @@ class Service:
     def _describe(self, peer: Any, reply: Reply, request: m.Describe) -> None:
         served = self._model(request.model)
         reply(peer, m.encode(m.Description(request.id, **served.description())))
+
+    def _check_key_first(self, frames: list) -> None:
+        """Refuse a request whose key is wrong before its header is decoded: the key is read
+        with a streaming unpacker that skips, without building, everything before it."""
+        header = frames[1] if len(frames) > 1 else b""
+        data = header.buffer if hasattr(header, "buffer") else header
+        if len(data) > self.wire_limits.max_header_bytes:
+            return  # decode refuses it by its size alone, before unpacking anything
+        if self.keys.name_of(_peek(data, "key")) is None:
+            raise PermissionError(
+                "invalid or missing API key: pass api_key=... to "
+                "lazytensor.connect or set LAZYTENSOR_API_KEY"
+            )
 
     def _owner(self, peer: Any, request: m.Request, key_name: str) -> Any:
         """Whose request this is: the key's name; on an open server the client's token."""
@@ -291,21 +306,41 @@ def _size(frames: list) -> int:
     return sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
 
 
+def _peek(data: Any, field: str) -> Any:
+    """``body[field]`` of a msgpack header, skipping every other value unbuilt; ``None`` if
+    the header is not a map holding a body map with that field."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(data) + 1)
+    unpacker.feed(data)
+    try:
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() != "body":
+                unpacker.skip()
+                continue
+            for _ in range(unpacker.read_map_header()):
+                if unpacker.unpack() == field:
+                    return unpacker.unpack()
+                unpacker.skip()
+            return None
+    except Exception:
+        return None
+    return None
+
+
 def _peek_id(frames: list, max_bytes: int) -> str | None:
     """The ``id`` in the header of a request that failed to decode, or ``None``.
 
-    Plain msgpack of at most ``max_bytes`` (extension types stay opaque ``ExtType``s), read
-    only to address the error reply; nothing else of the request is trusted or used.
+    Read with :func:`_peek` from at most ``max_bytes``, only to address the error reply;
+    nothing else of the request is trusted or used.
     """
     try:
         header = frames[1]
         data = header.buffer if hasattr(header, "buffer") else header
         if len(data) > max_bytes:
             return None
-        request_id = msgpack.unpackb(data, raw=False, strict_map_key=False)["body"]["id"]
+        request_id = _peek(data, "id")
     except Exception:
         return None
-    return request_id if isinstance(request_id, str) else None
+    return request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
 
 
 def _check_graph(graph: Graph, served: ServedModel, trusted: bool) -> None:
