@@ -623,3 +623,19 @@ def test_no_work_before_the_key_is_checked(make_service):
     started = time.monotonic()
     peer.error(frames, "PermissionError", "invalid or missing API key")
     assert time.monotonic() - started < 1.0  # refused by the key, the header never built
+
+
+def test_owners_take_turns():
+    from lazytensor_server.scheduler import FairQueue
+
+    class J:
+        def __init__(self, owner, n):
+            self.owner, self.n = owner, n
+
+    q = FairQueue()
+    positions = [q.put(J("greedy", i)) for i in range(5)]
+    assert positions == [0, 1, 2, 3, 4]
+    assert q.put(J("polite", 0)) == 1  # after at most one of greedy's
+    q.close()  # get() hands out what is left, then None
+    order = [(job.owner, job.n) for job in iter(q.get, None)]
+    assert order == [("greedy", 0), ("polite", 0)] + [("greedy", i) for i in range(1, 5)]

@@ -180,9 +180,9 @@ class Service:
             self.running[slot] = job
             self.peers[slot] = (peer, reply)
         reply(peer, m.encode(m.Status(request_id, "received")))
-        position = worker.waiting()  # told before the worker can say "running"
-        reply(peer, m.encode(m.Status(request_id, "queued", position)))
-        worker.submit(job)
+        with self._lock:  # "queued" goes out before the worker can say "running"
+            position = worker.submit(job)
+            reply(peer, m.encode(m.Status(request_id, "queued", position)))
 
     def _fetch(self, peer: Any, reply: Reply, request: m.Fetch, owner: Any, size: int) -> None:
         slot = (owner, request.id)

@@ -1,7 +1,7 @@
 """Worker: the one thread that owns a model's device and runs its jobs.
 
-A worker takes a *batch* of jobs off its queue and runs them; today each batch runs its jobs
-one after another (cross-user batching into one forward pass is the next step, and will live
+A worker takes jobs off its :class:`~.scheduler.FairQueue` (round robin across owners) and runs
+them one at a time (cross-user batching into one forward pass is the next step, and will live
 in :meth:`Worker.run_batch`). A failure of one job (a user error, out of memory, a timeout)
 fails that job only: the worker reports it as data and takes the next.
 """
@@ -9,7 +9,6 @@ fails that job only: the worker reports it as data and takes the next.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from lazytensor.runtime.executor import Executor
 
 from .limits import Limits, check
 from .registry import ServedModel
+from .scheduler import FairQueue
 
 log = logging.getLogger("lazytensor.server")
 
@@ -57,13 +57,11 @@ class Worker:
         served: ServedModel,
         limits: Limits,
         done: Callable[[Job, m.Message], None],
-        max_batch: int = 1,
         trusted: bool = False,
     ) -> None:
         self.trusted = trusted
         self.served, self.limits, self.done = served, limits, done
-        self.max_batch = max_batch
-        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.queue = FairQueue()
         self.served_count = 0
         self.busy = False
         self._thread = threading.Thread(
@@ -71,12 +69,9 @@ class Worker:
         )
         self._thread.start()
 
-    def waiting(self) -> int:
-        """How many jobs run before one submitted now (0 = it runs next)."""
-        return self.queue.qsize() + int(self.busy)
-
-    def submit(self, job: Job) -> None:
-        self.queue.put(job)
+    def submit(self, job: Job) -> int:
+        """Queue ``job``; how many jobs run before it (0 = it runs next)."""
+        return self.queue.put(job) + int(self.busy)
 
     def cancel(self, job: Job) -> bool:
         """Mark a job that has not started as cancelled (the loop skips it); whether it was."""
@@ -86,35 +81,19 @@ class Worker:
         return True
 
     def stop(self, timeout: float | None = None) -> None:
-        self.queue.put(None)
+        self.queue.close()
         self._thread.join(timeout)
 
     def drain(self) -> list[Job]:
         """Remove and return every job still waiting."""
-        jobs = []
-        while True:
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                return jobs
-            if job is not None:
-                jobs.append(job)
+        return self.queue.drain()
 
     def _loop(self) -> None:
         while True:
             job = self.queue.get()
             if job is None:
                 return
-            batch = [job]
-            while len(batch) < self.max_batch:
-                try:
-                    extra = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if extra is None:
-                    self.queue.put(None)
-                    break
-                batch.append(extra)
+            batch = [job]  # cross-user batching into one forward pass will grow this
             self.busy = True
             try:
                 self.run_batch(batch)

@@ -1,0 +1,72 @@
+"""Scheduler: a model's waiting jobs, served round robin across their owners.
+
+Each owner (an API key's name, or an open server's client token) has its own first-in,
+first-out queue, and the worker takes one job from each owner in turn. A user who sends a
+hundred requests does not make the next user's single request wait behind all of them: it runs
+after at most one job of each other owner. A session (many traces sent as one request) is one
+job, one slot in its owner's queue.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+
+class FairQueue:
+    """Jobs by owner; :meth:`get` takes the next one round robin (``None`` once closed)."""
+
+    def __init__(self) -> None:
+        self._queues: dict[Any, deque] = {}
+        self._turns: deque = deque()  # owners with waiting jobs, next first
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def put(self, job: Any) -> int:
+        """Queue ``job``; how many jobs will run before it (0 = it runs next)."""
+        with self._ready:
+            mine = self._queues.setdefault(job.owner, deque())
+            ahead = len(mine)
+            # Round robin: before this owner's next job each other owner runs at most as many
+            # jobs as this one has ahead of it, plus one (an upper bound on the wait).
+            others = sum(min(len(q), ahead + 1) for o, q in self._queues.items() if o != job.owner)
+            mine.append(job)
+            if ahead == 0:
+                self._turns.append(job.owner)
+            self._ready.notify()
+            return ahead + others
+
+    def get(self) -> Any:
+        """The next job, waiting for one; ``None`` once the queue is closed."""
+        with self._ready:
+            while not self._turns and not self._closed:
+                self._ready.wait()
+            if not self._turns:
+                return None
+            owner = self._turns.popleft()
+            mine = self._queues[owner]
+            job = mine.popleft()
+            if mine:
+                self._turns.append(owner)  # its next job waits for everyone else's turn
+            else:
+                del self._queues[owner]
+            return job
+
+    def qsize(self) -> int:
+        with self._ready:
+            return sum(len(q) for q in self._queues.values())
+
+    def drain(self) -> list:
+        """Remove and return every waiting job."""
+        with self._ready:
+            jobs = [job for q in self._queues.values() for job in q]
+            self._queues.clear()
+            self._turns.clear()
+            return jobs
+
+    def close(self) -> None:
+        """Wake the worker for good: :meth:`get` returns ``None`` when nothing is left."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
