@@ -639,3 +639,19 @@ def test_owners_take_turns():
     q.close()  # get() hands out what is left, then None
     order = [(job.owner, job.n) for job in iter(q.get, None)]
     assert order == [("greedy", 0), ("polite", 0)] + [("greedy", i) for i in range(1, 5)]
+
+
+def test_metrics_count_requests_refusals_and_time(make_service, local_llama, still_serves):
+    from lazytensor_server.metrics import Metrics
+
+    metrics = Metrics()
+    peer = Peer(make_service(metrics=metrics))
+    still_serves(peer)
+    peer.error(frames_of({"id": "x", "key": TOKEN}, kind="shell"), "ProtocolError")
+    text = metrics.text()
+    assert 'lazytensor_requests_total{kind="result",outcome="result"}' not in text
+    assert 'lazytensor_requests_total{kind="run",outcome="result"} 1.0' in text
+    assert 'lazytensor_refused_total{reason="ProtocolError"} 1.0' in text
+    assert 'lazytensor_queue_depth{model="llama"} 0.0' in text
+    assert 'lazytensor_run_seconds_count{model="llama"} 1.0' in text
+    assert 'lazytensor_batch_rows_count{model="llama"} 1.0' in text

@@ -161,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16")
     parser.add_argument("--api-keys", default=None, help="file of name:key lines")
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (queue depth, latency, "
+        "rows per forward, refusals by reason)",
+    )
+    parser.add_argument(
         "--trusted-clients",
         action="store_true",
         help="run user-defined Python functions that clients send (their code runs here!)",
@@ -198,7 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_keys is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("serving beyond loopback needs --api-keys")
     limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})
-    service = Service(models, keys, limits, trusted=args.trusted_clients)
+    metrics = None
+    if args.metrics_port is not None:
+        from .metrics import Metrics
+
+        metrics = Metrics()
+        metrics.serve(args.metrics_port, args.host)
+    service = Service(models, keys, limits, trusted=args.trusted_clients, metrics=metrics)
     App(service, f"tcp://{args.host}:{args.port}", grace=args.grace).run()
     busy = [t.name for t in threading.enumerate() if t.name.startswith("worker-") and t.is_alive()]
     if busy:  # a job ran past --grace: exit now rather than tear torch down under it

@@ -34,6 +34,7 @@ from lazytensor.protocol import messages as m
 
 from .auth import Keys
 from .limits import Limits, check
+from .metrics import Metrics
 from .registry import ServedModel
 from .results import Results, Slot
 from .worker import Job, Worker
@@ -75,6 +76,7 @@ class Service:
         keep_bytes: int = 4 << 30,
         ttl: float = 600.0,
         trusted: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self.trusted = trusted
         self.limits = limits or Limits()
@@ -91,6 +93,10 @@ class Service:
         self.peers: dict[Slot, tuple[Any, Reply]] = {}
         self.closing = False
         self._lock = threading.Lock()
+        self.metrics = metrics
+        if metrics is not None:
+            for name, worker in self.workers.items():
+                metrics.watch_queue(name, worker.queue.qsize)
 
     # -- intake -------------------------------------------------------------------------------
     def handle(self, peer: Any, frames: list, reply: Reply) -> None:
@@ -126,6 +132,8 @@ class Service:
             if request_id is None:  # so the error reaches a client waiting on that id
                 request_id = _peek_id(frames, self.wire_limits.max_header_bytes)
             log.info("refused request %r: %s: %s", request_id, type(exc).__name__, exc)
+            if self.metrics is not None:
+                self.metrics.refused.labels(type(exc).__name__).inc()
             reply(peer, m.encode(m.Failure.of(request_id, exc)))
 
     def _models(self, peer: Any, reply: Reply, request: m.ListModels) -> None:
@@ -266,6 +274,8 @@ class Service:
             (now - job.started) * 1e3,
             message.KIND,
         )
+        if self.metrics is not None:
+            self.metrics.finished(job, message.KIND)
         if reply is not None:
             reply(peer, frames)
 
