@@ -609,9 +609,6 @@ def _named_key(value: object) -> tuple:
     return graph.structure_key()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="Node.key names a container by its type name only"
-)
 @pytest.mark.parametrize(
     ("a", "b"),
     [
@@ -622,7 +619,7 @@ def _named_key(value: object) -> tuple:
 )
 def test_structure_key_sees_record_names_and_named_tuple_fields(a: object, b: object) -> None:
     """Graphs whose arguments differ in a record's name or a named tuple's fields travel
-    differently, yet share a key (so ``named=False`` above): a bug in graph._freeze."""
+    differently, so their keys differ too."""
     assert _named_key(a) != _named_key(b)
 
 

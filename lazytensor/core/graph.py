@@ -201,8 +201,9 @@ class Graph:
 
 def _freeze(value: Any) -> Any:
     if tree.is_container(value):
-        keys = tuple(value) if isinstance(value, dict) else ()
-        return (type(value).__name__, keys, *(_freeze(v) for v in tree.children(value)))
+        keys = tuple(value) if isinstance(value, dict) else getattr(value, "_fields", ())
+        kind = (type(value).__name__, getattr(value, "cls_name", None))  # a record's own name
+        return (kind, keys, *(_freeze(v) for v in tree.children(value)))
     if isinstance(value, (bool, int, float, complex)):
         # 1 == 1.0 == True, yet x[True] is not x[1] and arange(3.0) is not arange(3)
         return (type(value).__name__, repr(value))
