@@ -36,6 +36,7 @@ from ..core.graph import Batch, Graph, Node
 from ..core.site import Site, user_frame
 from ..core.site import here as _site
 from ..runtime.evaluate import evaluate
+from . import job as jobs
 from . import steps
 from .args import computed_inputs, to_graph, to_values
 from .proxy import Method, Proxy
@@ -154,60 +155,19 @@ class Trace:
                     self.graph.save(leaf._node)
 
     def _submit(self) -> None:
-        try:
-            self.job = self.backend.submit(RunRequest(self.graph, self._batch()))
-        except BaseException:
-            self.state = State.FAILED
-            raise
-        self.state = State.SUBMITTED
+        jobs.submit(self)
 
-    # -- as a job (blocking=False) -----------------------------------------------------------
+    # -- as a job (blocking=False): see .job -------------------------------------------------
     def status(self) -> JobState | str:
         """For ``blocking=False``: the job's state (``queued``, ``running``, ``completed``...)."""
-        self._submit_unentered()
-        if self.job is None or self.state is not State.SUBMITTED:
-            return self.state.value
-        return self.job.status()
+        return jobs.status(self)
 
     def cancel(self) -> bool:
         """For ``blocking=False``: drop the job if it has not started; whether it was dropped."""
-        self._submit_unentered()
-        if self.job is None or self.state is not State.SUBMITTED:
-            return False
-        cancelled = self.job.cancel()
-        if cancelled:
-            self.state, self._cancelled = State.FAILED, True
-        return cancelled
-
-    def _submit_unentered(self) -> None:
-        """``job = model.trace(x, remote=..., blocking=False)`` used without a ``with`` block:
-        submit it on first use, saving the model's output."""
-        fresh = self.state is State.RECORDING and self._token is None and not self.lazy
-        if fresh and not self.blocking and self.parts:
-            if not self.graph.nodes:
-                self.save(self.read("", "output"))
-            self._submit()
+        return jobs.cancel(self)
 
     def _wait(self, timeout: float | None = None) -> list[Any]:
-        """For ``blocking=False``: wait for the job; returns the saved values in save order.
-
-        Saved proxies also answer with their values from then on.
-        """
-        self._submit_unentered()
-        if self.state is State.FAILED:
-            what = "was cancelled" if self._cancelled else "failed"
-            raise TraceError(f"this trace's job {what}, so it has no values")
-        if self.state is State.SUBMITTED:
-            try:
-                self.values = self.job.result(timeout)
-            except NodeFailure as failure:
-                self.state = State.FAILED
-                raise self._at_site(failure) from failure.error
-            except BaseException:
-                self.state = State.FAILED
-                raise
-            self._finish()
-        return [self.values[i] for i in self.graph.saved if i in self.values]
+        return jobs.wait(self, timeout)
 
     def _check_recording(self) -> None:
         if self.state is not State.RECORDING:
