@@ -116,7 +116,10 @@ class TokenInputs:
             raise TraceError("invokes mix token inputs and inputs_embeds; use one kind")
         width = max(len(r) for r in rows)
         padded = any(len(r) != width for r in rows)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])  # (B, T)
+        if padded:
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])  # (B, T)
+        else:
+            mask = torch.ones(len(rows), width, dtype=torch.long)  # (B, T)
         kwargs = forward_kwargs(parts)
         if kinds == {True}:
             kwargs["inputs_embeds"] = torch.stack([_pad_embeds(r, width) for r in rows])

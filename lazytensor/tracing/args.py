@@ -81,6 +81,8 @@ def computed_inputs(trace: Trace, value: Any) -> Any:
 
     An input may use factories and ops on constants, not values from the model.
     """
+    if not trace.graph.nodes:  # nothing recorded yet (the trace's own inputs): no proxy of it
+        return value
     proxies = [v for v in tree.leaves(value) if isinstance(v, Proxy) and v._trace is trace]
     if not proxies:
         return value
