@@ -17,7 +17,8 @@ from ..core import ops, tree
 from ..core.errors import GraphError, OpNotAllowedError, TraceError
 from ..core.graph import Const, Node, Ref
 
-_SCALARS = frozenset((int, float, bool, str, type(None)))
+#: Arguments that are their own value.
+SCALARS = frozenset((int, float, bool, str, type(None)))
 
 
 def resolve(arg: Any, values: Any, constants: list, fake_mode: Any = None) -> Any:
@@ -25,7 +26,7 @@ def resolve(arg: Any, values: Any, constants: list, fake_mode: Any = None) -> An
     kind = type(arg)
     if kind is Ref:
         return values[arg.id]
-    if kind in _SCALARS:
+    if kind in SCALARS:
         return arg
     if kind is Const:
         value = constants[arg.index]

@@ -46,11 +46,9 @@ import torch
 from ..core.errors import GraphError, NodeFailure
 from ..core.graph import Batch, Graph, Node, Ref
 from . import calls, fake, hooks, outcome, rows
-from .evaluate import call_function, call_method, call_python, read_attribute, resolve
+from .evaluate import SCALARS, call_function, call_method, call_python, read_attribute, resolve
 from .moments import RESULT_KEY, TOKENS_KEY, Sides, describe, rows_layout
 from .plan import Plan
-
-_PLAIN = frozenset((int, float, bool, str, type(None)))  # arguments that are their own value
 
 
 class _Stop(Exception):
@@ -322,7 +320,7 @@ class Executor:
         return resolve(arg, self.values, self.graph.constants, self.fake_mode)
 
     def _args(self, node: Node) -> tuple[tuple, dict]:
-        values, value, plain = self.values, self._value, _PLAIN
+        values, value, plain = self.values, self._value, SCALARS
         args = tuple(
             [
                 values[a.id] if type(a) is Ref else a if type(a) in plain else value(a)

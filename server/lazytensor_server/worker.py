@@ -142,7 +142,7 @@ class Worker:
                 "use a smaller batch or save less"
             ) from None
         if job.fake:
-            return {i: _meta(v) for i, v in values.items()}
+            return {i: _pack(v, _meta_leaf) for i, v in values.items()}
         values = {i: portable(v) for i, v in values.items()}
         check("saved bytes", _nbytes(values), self.limits.max_saved_bytes, "--max-saved-bytes")
         return values
@@ -150,16 +150,17 @@ class Worker:
 
 def portable(value: Any) -> Any:
     """A saved value in a form the wire carries: CPU tensors, records, containers, scalars."""
-    return tree.map(_portable_leaf, _records(value))
+    return _pack(value, _portable_leaf)
 
 
-def _records(value: Any) -> Any:
-    """Mappings other than plain dicts (``ModelOutput``) travel as :class:`Record`s."""
+def _pack(value: Any, leaf: Any) -> Any:
+    r"""``value`` rebuilt in one walk: mappings other than plain dicts (``ModelOutput``) as
+    :class:`Record`\ s, containers as themselves, every other value through ``leaf``."""
     if isinstance(value, dict) and type(value) is not dict and not isinstance(value, Record):
-        return Record(type(value).__name__, {k: _records(v) for k, v in value.items()})
+        return Record(type(value).__name__, {k: _pack(v, leaf) for k, v in value.items()})
     if tree.is_container(value) and not isinstance(value, slice):
-        return tree.rebuild(value, [_records(v) for v in tree.children(value)])
-    return value
+        return tree.rebuild(value, [_pack(v, leaf) for v in tree.children(value)])
+    return leaf(value)
 
 
 def _portable_leaf(value: Any) -> Any:
@@ -170,17 +171,13 @@ def _portable_leaf(value: Any) -> Any:
     return Record("Opaque", {"type": type(value).__name__})
 
 
-def _meta(value: Any) -> Any:
-    """A fake run's value as shapes: each tensor becomes a ``TensorMeta`` record."""
-
-    def describe(leaf: Any) -> Any:
-        if isinstance(leaf, torch.Tensor):
-            dtype = str(leaf.dtype).removeprefix("torch.")
-            return Record("TensorMeta", {"shape": list(leaf.shape), "dtype": dtype,
-                                         "device": str(leaf.device)})  # fmt: skip
-        return _portable_leaf(leaf)
-
-    return tree.map(describe, _records(value))
+def _meta_leaf(leaf: Any) -> Any:
+    """A fake run's tensor as its shape: a ``TensorMeta`` record."""
+    if isinstance(leaf, torch.Tensor):
+        dtype = str(leaf.dtype).removeprefix("torch.")
+        return Record("TensorMeta", {"shape": list(leaf.shape), "dtype": dtype,
+                                     "device": str(leaf.device)})  # fmt: skip
+    return _portable_leaf(leaf)
 
 
 def _nbytes(value: Any) -> int:
