@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import optim
 from .backends.base import JobState
 from .core import tree as _tree
 from .core.errors import (
@@ -33,6 +34,7 @@ from .frontend.model import LanguageModel, Model
 from .frontend.served import Client, connect
 from .tracing.proxy import Proxy
 from .tracing.trace import Trace, current
+from .tracing.training import lora, parameter
 
 __version__ = "0.1.0"
 
@@ -103,5 +105,8 @@ __all__ = [
     "apply",
     "connect",
     "current",
+    "lora",
+    "optim",
+    "parameter",
     "save",
 ]

@@ -33,8 +33,11 @@ COMMANDS["demo-remote"] = ["-m", "lazytensor", "demo"]  # the main job: an embed
 #: Text each run must print: the checks the scripts report on themselves.
 EXPECTED = {
     "activation_patching.py": "logit difference = 0.00e+00",
+    "attention_pattern.py": "patterns equal eager attention's: True",
     "logit_lens.py": "equals the model's prediction: True",
     "steering_generation.py": "spells the generated tokens: True",
+    "sae_cache.py": "equals a forward hook on a full forward: True",
+    "skip_and_edit.py": "skip equals a replacing hook: True",
     "demo": "forced top-5",
     "demo-remote": "remote equals local: True",
 }

@@ -189,6 +189,7 @@ def test_a_point_read_is_freed_before_the_forward_ends(tiny_mlp: TinyMLP) -> Non
     graph = Graph()
     h = graph.add("output", "layer1")
     graph.add("set_output", "layer1", (Ref(graph.add("function", "torch.relu", (Ref(h.id),)).id),))
+    graph.add("output", "layer3")  # a later read: the forward goes on to layer3
     executor = Executor(tiny_mlp, graph, Batch((x,), {}, 3))
     during = []
     handle = tiny_mlp.layer3.register_forward_pre_hook(
@@ -198,7 +199,7 @@ def test_a_point_read_is_freed_before_the_forward_ends(tiny_mlp: TinyMLP) -> Non
         executor.run()
     finally:
         handle.remove()
-    assert during == [[None, None, None]]  # nothing held while later layers run
+    assert during == [[None, None, None, None]]  # nothing held while later layers run
 
 
 # -- stop_at -------------------------------------------------------------------------------------

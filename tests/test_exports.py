@@ -27,6 +27,9 @@ PUBLIC = [
     "apply",
     "connect",
     "current",
+    "lora",
+    "optim",
+    "parameter",
     "save",
 ]
 

@@ -25,7 +25,8 @@ def inputs(batch: int, seed: int = 3) -> torch.Tensor:
 
 
 def test_every_op_is_an_executor_method() -> None:
-    assert g.OPS == frozenset(g.POINT_READS + g.POINT_WRITES + g.COMPUTE + g.TRUSTED)
+    every = g.POINT_READS + g.POINT_WRITES + g.COMPUTE + g.TRUSTED + g.GRADIENTS + g.STATE
+    assert g.OPS == frozenset(every + g.CONTROL)
     for op in g.OPS:
         assert callable(getattr(Executor, op, None)), op
 

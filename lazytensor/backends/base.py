@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..core.graph import Batch, Graph
+from ..core.graph import Batch, Graph, Segment
 
 
 class JobState(str, enum.Enum):
@@ -43,6 +43,7 @@ class RunRequest:
     batch: Batch
     stop_at: int | None = None
     fake_mode: Any = None
+    segments: tuple[Segment, ...] = ()  # a session: these runs in order, and no graph
 
 
 class Job(Protocol):
@@ -66,3 +67,6 @@ class Backend(Protocol):
 
     def submit(self, request: RunRequest) -> Job:
         """Start a run and return its job without waiting."""
+
+    def run_session(self, segments: list[Segment]) -> list[dict[int, Any]]:
+        """Run a session's segments as one job; per segment, its saved values."""

@@ -100,6 +100,7 @@ class Connection:
             request.batch,
             request.stop_at,
             request.fake_mode is not None,
+            request.segments,
         )
         job = RemoteJob(self, run, request.fake_mode)
         job.send()

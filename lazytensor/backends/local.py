@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from ..core.errors import TraceError
+from ..core.graph import Batch, Graph, Segment
+from ..runtime import session
 from ..runtime.device import device_of, to_device
 from ..runtime.executor import Executor
 from .base import JobState, RunRequest
@@ -37,6 +39,18 @@ class LocalBackend:
 
     def submit(self, request: RunRequest) -> LocalJob:
         return LocalJob(self, request)
+
+    def run_session(self, segments: list[Segment]) -> list[dict[int, Any]]:
+        module = self.module()
+        device = device_of(module)
+
+        def execute(graph: Graph, batch: Batch | None, workspace: session.Workspace) -> dict:
+            if batch is None:
+                return Executor(module, graph, Batch(), workspace=workspace).run_plain()
+            batch = to_device(batch, device)
+            return Executor(module, graph, batch, workspace=workspace).run()
+
+        return session.run(segments, execute)
 
 
 class LocalJob:

@@ -11,6 +11,7 @@ import os
 import threading
 from typing import Any
 
+from ..core.graph import Batch, Graph, Segment
 from .base import RunRequest
 from .client import DEFAULT_ADDRESS, Connection, RemoteJob
 
@@ -26,6 +27,10 @@ class RemoteBackend:
 
     def submit(self, request: RunRequest) -> RemoteJob:
         return self.client.submit(self.model, request)
+
+    def run_session(self, segments: list[Segment]) -> list[dict[int, Any]]:
+        values = self.run(RunRequest(Graph(), Batch(), segments=tuple(segments)))
+        return [values.get(i, {}) for i in range(len(segments))]
 
 
 _clients = threading.local()

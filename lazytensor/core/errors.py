@@ -84,11 +84,14 @@ class NodeFailure(LazytensorError):
     into the user's exception with :func:`at_site` (the client, after a remote failure too).
     """
 
-    def __init__(self, node: int, error: BaseException, hint: str = "") -> None:
+    def __init__(
+        self, node: int, error: BaseException, hint: str = "", segment: int | None = None
+    ) -> None:
         super().__init__(f"node {node}: {type(error).__name__}: {error}")
         self.node = node
         self.error = error
         self.hint = hint
+        self.segment = segment  # in a session: which of its runs
 
 
 def at_site(exc: BaseException, site: Site | None, hint: str = "") -> BaseException:
@@ -138,6 +141,8 @@ def to_data(exc: BaseException) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if isinstance(exc, NodeFailure):
         data = {"node": exc.node, "hint": exc.hint}
+        if exc.segment is not None:
+            data["segment"] = exc.segment
         exc = exc.error
     return {"type": _wire_name(exc), "message": text_of(exc), **data}
 
@@ -159,7 +164,8 @@ def from_data(data: Any) -> BaseException:
         exc = cls(message)
     except Exception:
         exc = RemoteError(message)
-    node = data.get("node")
+    node, segment = data.get("node"), data.get("segment")
     if type(node) is int:
-        return NodeFailure(node, exc, str(data.get("hint") or ""))
+        segment = segment if type(segment) is int else None
+        return NodeFailure(node, exc, str(data.get("hint") or ""), segment)
     return exc

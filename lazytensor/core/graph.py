@@ -27,12 +27,25 @@ from .site import Site
 
 #: Every op a node may carry; each is also an ``Executor`` method name.
 POINT_READS = ("input", "inputs", "output", "result", "tokens")
-POINT_WRITES = ("set_input", "set_inputs", "set_output")
+#: ``skip``: the module does not run; its output is the node's argument (fires with its input).
+POINT_WRITES = ("set_input", "set_inputs", "set_output", "skip")
 COMPUTE = ("function", "method", "module", "getattr")
 #: A user's own Python function (``lazytensor.apply``): the one op that carries code. A
 #: server runs it only when started with ``--trusted-clients``.
 TRUSTED = ("python",)
-OPS = frozenset(POINT_READS + POINT_WRITES + COMPUTE + TRUSTED)
+#: Backward passes (:mod:`lazytensor.runtime.grads`): ``backward`` runs one on the loss
+#: ``args[0]``; ``grad`` reads and ``set_grad`` replaces the gradient of node ``args[0]`` while
+#: the backward pass whose node id is ``call`` runs.
+GRADIENTS = ("backward", "grad", "set_grad")
+#: State a run holds beyond the forward (:mod:`lazytensor.runtime.session`): ``weight`` reads a
+#: model parameter or buffer (read-only); ``parameter`` makes a trainable tensor; ``carry``
+#: reads value ``args[1]`` of an earlier run ``args[0]`` of the same session; ``optimizer``
+#: builds an allow-listed optimizer and ``optimize`` calls its ``step``/``zero_grad``.
+STATE = ("weight", "parameter", "carry", "optimizer", "optimize")
+#: ``stop`` (``tracer.stop()``): reads the nodes recorded before it; once they have run, the
+#: run ends (:mod:`lazytensor.tracing.stop`).
+CONTROL = ("stop",)
+OPS = frozenset(POINT_READS + POINT_WRITES + COMPUTE + TRUSTED + GRADIENTS + STATE + CONTROL)
 
 #: ``Node.call`` for nodes that run at every call. (A call range is ``(start, stop, step)``,
 #: ``stop`` ``None`` for no end: see :mod:`lazytensor.runtime.calls`.)
@@ -143,6 +156,15 @@ class Batch:
     kwargs: dict = field(default_factory=dict)
     size: int = 1
     generate: bool = False
+
+
+@dataclass
+class Segment:
+    """One run of a session: a graph run inside the model on ``batch``, or, with no batch,
+    session code run between traces (optimizer steps, trainable tensors)."""
+
+    graph: Graph
+    batch: Batch | None = None
 
 
 @dataclass

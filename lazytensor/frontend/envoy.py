@@ -29,8 +29,17 @@ from typing import Any
 
 from ..core.errors import TraceError
 from ..tracing.trace import current
+from .source import Source
 
 _OWN = frozenset(("output", "input", "inputs"))
+
+
+def _weights(module: Any) -> Any:
+    """The names of a module's own parameters and buffers (a described module lists them)."""
+    described = module.__dict__.get("_weights")
+    if described is not None:
+        return described
+    return (*module.__dict__.get("_parameters", ()), *module.__dict__.get("_buffers", ()))
 
 
 class EnvoyTree:
@@ -95,6 +104,10 @@ class Envoy:
         alias = self._alias(name)
         if alias is not None:
             return alias
+        if name in _weights(self._module):
+            trace = current()
+            if trace is not None and getattr(trace.root, "_tree", None) is self._tree:
+                return trace.weight(f"{self._path}.{name}" if self._path else name)
         try:
             return getattr(self._module, name)
         except AttributeError:
@@ -203,6 +216,24 @@ class Envoy:
     def inputs(self) -> Any:
         """The module's ``(args, kwargs)`` (a proxy inside a trace)."""
         return self._trace(".inputs").read(self._path, "inputs")
+
+    @property
+    def source(self) -> Source:
+        """The calls inside the module's forward, each readable and writable like a module
+        (``.source.softmax_0.output``); print it to list them (see :mod:`.source`)."""
+        return Source(self)
+
+    def skip(self, replacement: Any) -> None:
+        """Inside a trace: the module does not run (nor anything inside it) and its output is
+        ``replacement``, which may be computed from the module's own ``.input``.
+
+        Raises:
+            TraceError: outside this model's trace, or on the root module.
+        """
+        trace = self._trace(".skip()")
+        if not self._path:
+            raise TraceError("the root module cannot be skipped: skip one of its submodules")
+        trace.write(self._path, "skip", replacement)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _OWN:

@@ -21,7 +21,10 @@ from ..backends.local import LocalBackend
 from ..backends.remote import RemoteBackend, connection
 from ..core.errors import TraceError
 from ..runtime.device import device_of, to_device
+from ..tracing.scan import Weightless
+from ..tracing.session import Session
 from ..tracing.trace import Trace, current
+from . import edits
 from .envoy import Envoy, EnvoyTree
 from .inputs import TensorInputs, TokenInputs
 
@@ -82,7 +85,8 @@ class Model(Envoy):
         if first is None:
             raise TraceError("trace=False runs the model on its inputs: pass them")
         backend = self.backend(remote)
-        if not isinstance(backend, LocalBackend):  # run a trace that saves the output
+        if not isinstance(backend, LocalBackend) or edits.of(self) is not None:
+            # run a trace that saves the output (with the edits, if any)
             with self._open(first, remote=remote, generate=generate, options=options) as tracer:
                 out = (tracer.result if generate else self.output).save()
             return out
@@ -94,8 +98,53 @@ class Model(Envoy):
             return module.generate(*batch.args, **batch.kwargs)
         return module(*batch.args, **batch.kwargs)
 
+    def session(self, remote: Any = False) -> Session:
+        """Record many traces, and the code between them, as one job (see
+        :mod:`lazytensor.tracing.session`): values flow between traces where they run, and
+        only saved values come back, when the block ends.
+
+        Args:
+            remote: where the session runs, as for :meth:`trace` (every trace in it runs there).
+        """
+        backend = self.backend(remote)
+        return Session(self, backend, lambda: Trace(self, self._inputs, backend))
+
     def _open(self, first: Any, *, remote: Any, **options: Any) -> Trace:
-        return Trace(self, self._inputs, self.backend(remote), first, **options)
+        return edits.seed(self, Trace(self, self._inputs, self.backend(remote), first, **options))
+
+    def scan(self, *args: Any, remote: Any = False, **kwargs: Any) -> Trace:
+        """A trace run shape-only: saved values are fake tensors (shape and dtype, no data).
+
+        No weights are loaded (a ``dispatch=False`` model stays on the meta device); with
+        ``remote`` (or on a served model's handle) the server runs the shape-only pass.
+
+        Example:
+            >>> with net.scan(torch.ones(2, 4)):                  # doctest: +SKIP
+            ...     y = net.output.save()
+            >>> y.shape                                            # doctest: +SKIP
+            torch.Size([2, 4])
+        """
+        first = (args, kwargs) if (args or kwargs) else None
+        backend = self.backend(remote)
+        if isinstance(backend, LocalBackend):  # the module as it is: never load weights
+            backend = Weightless(lambda: self._module)
+        return edits.seed(self, Trace(self, self._inputs, backend, first, scan=True))
+
+    def edit(self, *, inplace: bool = False) -> Any:
+        """Interventions applied to every later trace: ``with lm.edit() as (tracer, edited):``.
+
+        Args:
+            inplace: keep them on this wrapper (yields ``(tracer, self)``); by default they go
+                on a new wrapper of the same module (no weights are copied).
+
+        Returns:
+            A context manager yielding ``(tracer, edited model)`` (see :mod:`.edits`).
+        """
+        return edits.edit(self, inplace)
+
+    def clear_edits(self) -> None:
+        """Drop this wrapper's edits: its later traces run the model as it is."""
+        edits.clear(self)
 
     def backend(self, remote: Any = False) -> Backend:
         """Where this model's traces run: here, or on the server ``remote`` names.
@@ -225,6 +274,7 @@ class LanguageModel(Model):
         if current() is not None:
             return super().__call__(*args, **kwargs)
         trace = Trace(self, self._inputs, self.backend(False), (args, kwargs), lazy=True)
+        edits.seed(self, trace)
         return trace.read("", "output")
 
     def dispatch(self) -> None:

@@ -14,13 +14,14 @@ from typing import Any
 
 from ..backends.client import Connection
 from ..backends.transport import InProcessTransport
+from ..runtime.source import Site
 from .model import LanguageModel
 
 _MAX_DEPTH = 64
 
 
 class ModuleSpec:
-    """A described module: its class name and named children, nothing else.
+    """A described module: its class name, named children and its forward's source sites.
 
     Calling it is an error: a spec stands for a module whose weights are elsewhere.
     """
@@ -30,20 +31,33 @@ class ModuleSpec:
         cls_name: str,
         children: dict[str, ModuleSpec],
         attributes: dict[str, Any] | None = None,
+        source_sites: tuple[Site, ...] = (),
     ) -> None:
         self.cls_name = cls_name
         self._modules = children
         self._attributes = attributes or {}
+        self._weights: tuple[str, ...] = ()  # names of its own parameters and buffers
+        self.source_sites = source_sites
 
     @classmethod
-    def from_dict(cls, data: dict, depth: int = 0) -> ModuleSpec:
+    def from_dict(cls, data: dict, depth: int = 0, sources: dict | None = None) -> ModuleSpec:
         if depth > _MAX_DEPTH or not isinstance(data, dict):
             raise ValueError("a module description must be a nested dict of bounded depth")
+        if sources is None:  # the root holds every class's sites: {class: [[name, line, in]]}
+            sources = _sites(data.get("sources"))
         children = data.get("children", {})
-        return cls(
-            str(data.get("cls", "Module")),
-            {str(k): cls.from_dict(v, depth + 1) for k, v in children.items()},
+        cls_name = str(data.get("cls", "Module"))
+        spec = cls(
+            cls_name,
+            {str(k): cls.from_dict(v, depth + 1, sources) for k, v in children.items()},
+            source_sites=sources.get(cls_name, ()),
         )
+        weights = data.get("weights", [])
+        spec._weights = tuple(str(w) for w in weights) if isinstance(weights, list) else ()
+        sizes = data.get("attributes")
+        if isinstance(sizes, dict):
+            spec._attributes.update((str(k), v) for k, v in sizes.items() if type(v) is int)
+        return spec
 
     def __getattr__(self, name: str) -> Any:
         attributes = self.__dict__.get("_attributes", {})
@@ -101,6 +115,19 @@ def connect(address: str | None = None, api_key: str | None = None, **kwargs: An
 def in_process(server: Any, api_key: str | None = None, **kwargs: Any) -> Client:
     """A client wired straight to a server object in this process (tests, embedding)."""
     return Client("inproc", api_key, transport=InProcessTransport(server), **kwargs)
+
+
+def _sites(data: Any) -> dict[str, tuple[Site, ...]]:
+    """The source sites of each module class, from a server's description."""
+    if not isinstance(data, dict):
+        return {}
+    return {
+        str(cls_name): tuple(
+            Site(*map(str, site)) for site in sites if isinstance(site, list) and len(site) == 3
+        )
+        for cls_name, sites in data.items()
+        if isinstance(sites, list)
+    }
 
 
 def _tokenizer(data: dict) -> Any:

@@ -32,7 +32,7 @@ import torch
 
 from ..core import errors, tree
 from ..core.errors import ProtocolError
-from ..core.graph import EVERY_CALL, OPS, Batch, Const, Graph, Node, Ref
+from ..core.graph import EVERY_CALL, OPS, Batch, Const, Graph, Node, Ref, Segment
 from . import codec
 from .values import _is_int, _malformed
 
@@ -203,7 +203,11 @@ class Describe(Request):
 @dataclass(frozen=True)
 class Run(Request):
     """Run ``graph`` on ``model`` with ``batch``; ``stop_at`` ends the run after that node;
-    ``fake`` asks for shapes only (a shape-only pass answers ``.shape`` inside a trace)."""
+    ``fake`` asks for shapes only (a shape-only pass answers ``.shape`` inside a trace).
+
+    A session sends its ``segments`` instead (and an empty graph): its runs in order, each a
+    graph with a batch, or session code with none; its result's values are keyed by segment,
+    then node (see :mod:`lazytensor.runtime.session`)."""
 
     KIND: ClassVar[str] = "run"
     model: str = ""
@@ -211,21 +215,39 @@ class Run(Request):
     batch: Batch = field(default_factory=Batch)
     stop_at: int | None = None
     fake: bool = False
+    segments: tuple[Segment, ...] = ()
 
     def body(self) -> dict:
-        b = self.batch
-        batch = {"args": list(b.args), "kwargs": b.kwargs, "size": b.size, "generate": b.generate}
-        return {**super().body(), "graph": encode_graph(self.graph), "batch": batch}
+        body = {**super().body(), "graph": encode_graph(self.graph)}
+        body["batch"] = _encode_batch(self.batch)
+        body.pop("segments", None)
+        if self.segments:
+            body["segments"] = [
+                {"graph": encode_graph(s.graph), "batch": s.batch and _encode_batch(s.batch)}
+                for s in self.segments
+            ]
+        return body
 
     @classmethod
     def from_body(cls, body: dict) -> Run:
         graph = decode_graph(body.get("graph"))
+        segments = body.get("segments", [])
+        if not isinstance(segments, list) or not all(isinstance(s, dict) for s in segments):
+            raise _malformed("a session's segments", segments, "a list of mappings")
+        segments = tuple(
+            Segment(
+                decode_graph(s.get("graph")),
+                None if s.get("batch") is None else decode_batch(s.get("batch")),
+            )
+            for s in segments
+        )
         stop_at = body.get("stop_at")
         if stop_at is not None and not (_is_int(stop_at) and 0 <= stop_at < len(graph.nodes)):
             raise ProtocolError(f"stop_at {stop_at!r} names no node of the graph")
         if not isinstance(body.get("model"), str) or not isinstance(body.get("fake", False), bool):
             raise _malformed("a run request", "its model or fake flag", "a str and a bool")
         fields_ = {**body, "graph": graph, "batch": decode_batch(body.get("batch"))}
+        fields_["segments"] = segments
         return super().from_body(fields_)
 
 
@@ -382,6 +404,10 @@ def _reply_id(body: dict, kind: str) -> str | None:
     if message_id is not None and not isinstance(message_id, str):
         raise _malformed(f"the id of a {kind!r} message", message_id, "a str or nil")
     return message_id
+
+
+def _encode_batch(b: Batch) -> dict:
+    return {"args": list(b.args), "kwargs": b.kwargs, "size": b.size, "generate": b.generate}
 
 
 def decode_batch(data: Any) -> Batch:

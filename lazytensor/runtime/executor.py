@@ -45,14 +45,20 @@ import torch
 
 from ..core.errors import GraphError, NodeFailure
 from ..core.graph import Batch, Graph, Node, Ref
-from . import calls, fake, hooks, outcome, rows
+from . import calls, fake, grads, hooks, outcome, rows
 from .evaluate import SCALARS, call_function, call_method, call_python, read_attribute, resolve
 from .moments import RESULT_KEY, TOKENS_KEY, Sides, describe, rows_layout
-from .plan import Plan
+from .plan import GRAD, Plan
+from .session import Workspace
 
 
 class _Stop(Exception):
     """Raised inside the forward once the value a materialization asked for exists."""
+
+
+class _Ended(_Stop):
+    """Raised inside the forward once nothing is left to run: every node has run and none
+    waits for a later call (see :meth:`Executor._fire`), or ``tracer.stop()`` ran."""
 
 
 class Executor:
@@ -70,6 +76,7 @@ class Executor:
             only when started with ``--trusted-clients``.
         deadline: a ``time.monotonic()`` after which the run stops with ``TimeoutError``,
             checked whenever a hooked module runs and at every generation step.
+        workspace: what the runs of a session share (:mod:`.session`); a fresh one by default.
     """
 
     def __init__(
@@ -82,6 +89,7 @@ class Executor:
         fake_mode: Any = None,
         trusted: bool = True,
         deadline: float | None = None,
+        workspace: Workspace | None = None,
     ) -> None:
         self.model, self.graph, self.batch = model, graph, batch
         self.deadline = deadline
@@ -109,6 +117,14 @@ class Executor:
         self.layout = rows.Layout(batch.size)  # of the forward running now
         self.forwards = 0  # forward passes of the model begun: generation steps
         self.epoch: dict[int, int] = {}  # repeating node -> the forward it last ran in
+        self.left = n  # nodes not run yet: at 0, with none repeating, the forward can end
+        self.skipped: dict[str, Any] = {}  # module path -> the output its skipped call returns
+        self.workspace = workspace if workspace is not None else Workspace()
+        self.grad_targets = grads.wanted(self) if plan.backwards else frozenset()
+        self.grad_sources = grads.sources(self) if self.grad_targets else frozenset()
+        self.watched: set[int] = set()  # nodes whose values carry a gradient hook
+        self.backward_now: int | None = None  # the backward node running now
+        self.deferred: list[int] = []  # backward nodes ready while another one ran
         collect = fake_mode is None and stop_at is None
         ranged = calls.per_call(graph, self.repeating, graph.saved) if collect else ()
         self.collected: dict[int, list] = {i: [] for i in ranged}
@@ -133,8 +149,10 @@ class Executor:
         with hooks.LOCK:
             handles = hooks.install(self)
         mode = self.fake_mode if self.fake_mode is not None else contextlib.nullcontext()
+        grad_mode = torch.enable_grad() if self.plan.backwards else torch.no_grad()
+        weights = grads.weights_tracked(self) if self.grad_targets else contextlib.nullcontext()
         try:
-            with torch.no_grad(), mode:
+            with grad_mode, weights, mode:
                 runs = fake.runs(self.batch, self.fake_mode) if self.fake_mode else [self.batch]
                 try:
                     self._schedule(
@@ -149,6 +167,8 @@ class Executor:
                     if self.fake_mode is not None and self.batch.generate:
                         self.current = fake.tokens(runs[0], self.batch)
                     self._fire_value(RESULT_KEY, self.current)
+                except _Ended:
+                    pass  # the rest of the forward could change nothing the graph holds
                 except _Stop:
                     return {self.stop_at: self.values[self.stop_at]}
                 except Exception as exc:
@@ -163,6 +183,16 @@ class Executor:
         if self.fake_mode is not None:
             return {i: v for i, v in enumerate(self.values) if self.done[i]}
         outcome.check_all_ran(self)
+        return outcome.saved(self)
+
+    def run_plain(self) -> dict[int, Any]:
+        """Run a graph that needs no forward pass (a session's code between its traces)."""
+        moment = next((i for i, key in self.key_of.items() if key[1] != GRAD), None)
+        if moment is not None:
+            raise NodeFailure(moment, GraphError("module values exist only inside a trace"))
+        with torch.enable_grad() if self.plan.backwards else torch.no_grad():
+            self._schedule(i for i, w in enumerate(self.waiting) if w == 0)
+            self._drain()
         return outcome.saved(self)
 
     def _check_time(self, *_: Any) -> bool:
@@ -198,16 +228,20 @@ class Executor:
         finally:
             self.layout, self.current = layout, None
 
-    def _fire(self, key: tuple[str, str]) -> None:
-        """Make ``key`` at its next call the active moment and run everything now ready."""
+    def _fire(self, key: tuple[str, str], call: int | None = None) -> None:
+        """Make ``key`` at its next call (or at ``call``: a backward pass's gradient moment)
+        the active moment and run everything now ready."""
         if self.deadline is not None:
             self._check_time()
-        counts = self.calls if self.side is None else self.side_calls
-        call = counts.get(key, 0)
-        counts[key] = call + 1
+        if call is None:
+            counts = self.calls if self.side is None else self.side_calls
+            call = counts.get(key, 0)
+            counts[key] = call + 1
         here = [i for i in self.sides.points(self.side, key) if self._matches(i, call)]
         if not here:
             return
+        if self.grad_sources:
+            grads.track(self, here)  # before anything is computed from the values read
         self.active = (key, call, self.side)
         for i in here:
             if self.done[i]:
@@ -225,6 +259,8 @@ class Executor:
                     "read values in the order the model computes them",
                 )
         self.active = None
+        if self.left == 0 and not self.repeating:  # nothing later can need the forward
+            raise _Ended
 
     def _matches(self, i: int, call: int) -> bool:
         if self.side is not None:
@@ -232,6 +268,8 @@ class Executor:
         node = self.graph.nodes[i]
         if node.op == "result":
             return True  # a run has one result, whichever step it was read at
+        if self.key_of[i][1] == GRAD:
+            return node.call == call  # the backward pass it was recorded in
         wanted = node.call
         if self.fake_mode is not None and self.batch.generate:
             return calls.fake_matches(wanted, call)  # call 1 stands for every later step
@@ -255,6 +293,9 @@ class Executor:
         while heap:
             i = heapq.heappop(heap)
             if not done[i]:
+                if self.backward_now is not None and i in self.plan.backwards:
+                    self.deferred.append(i)  # one backward pass at a time: after this one
+                    continue
                 self._run_node(i)
 
     def _run_node(self, i: int) -> None:
@@ -273,6 +314,9 @@ class Executor:
                 ) from exc
             raise NodeFailure(i, exc) from exc
         self.values[i], self.done[i] = value, True
+        self.left -= 1
+        if i in self.grad_targets and self.fake_mode is None:
+            grads.watch(self, i, value)
         if i in self.key_of:
             self.ran_at[i] = self.active
         if i in self.repeating:
@@ -304,6 +348,7 @@ class Executor:
         for node in self.graph.nodes[start + 1 :]:
             if node.id in self.repeating and any(d in stale for d in self.deps[node.id]):
                 stale.add(node.id)
+        self.left += sum(1 for i in stale if self.done[i])
         for i in stale:
             self.done[i], self.values[i] = False, self.values[i] if i in self.keep else None
         now = self.forwards
@@ -332,6 +377,12 @@ class Executor:
     def _check_write(self, node: Node) -> None:
         first = node.args[0] if node.args else None
         home = self.home[first.id] if isinstance(first, Ref) else None
+        if home in self.plan.weights:
+            target = self.graph.nodes[home].target
+            raise GraphError(
+                f"the model's weights are read-only inside a trace ({target} would change); "
+                "compute with a copy instead, e.g. `w = w.clone()`"
+            )
         if home is not None and self.ran_at.get(home) != self.active:
             raise GraphError(
                 f"this writes into {describe(self.graph.nodes[home])}, which the forward pass "
@@ -385,6 +436,21 @@ class Executor:
         )
         self.current, self.replaced = (tuple(args), dict(kwargs)), True
 
+    def skip(self, node: Node) -> None:
+        """The module's call does not run (:mod:`.skips`): its output is ``args[0]``."""
+        where = self._rows(node)
+        if where is not None and where != (0, self.batch.size):
+            raise GraphError(
+                f"{node.target}.skip() inside an invoke: a skipped module runs for no row, so it "
+                "cannot be skipped for some rows only; skip it outside the invokes, or assign "
+                "the invoke's rows with `.output = ...`"
+            )
+        self.skipped[node.target] = self._value(node.args[0])
+
+    def stop(self, node: Node) -> None:
+        """``tracer.stop()``: everything recorded before it has run; end the run here."""
+        raise _Ended
+
     def function(self, node: Node) -> Any:
         if node.id in self.mutating:
             self._check_write(node)
@@ -401,6 +467,38 @@ class Executor:
     def python(self, node: Node) -> Any:
         """A user's function, shipped as cloudpickle bytes: trusted runs only."""
         return call_python(node, *self._args(node), trusted=self.trusted)
+
+    # gradients (see .grads) and session state (see .session)
+    def backward(self, node: Node) -> None:
+        return grads.backward(self, node)
+
+    def grad(self, node: Node) -> Any:
+        return self.current
+
+    def set_grad(self, node: Node) -> None:
+        self.current, self.replaced = self._value(node.args[1]), True
+
+    def weight(self, node: Node) -> Any:
+        module, _, name = node.target.rpartition(".")
+        owner = self.model.get_submodule(module)
+        if name in owner._parameters:
+            return owner._parameters[name]
+        if name in owner._buffers:
+            return owner._buffers[name]
+        raise AttributeError(f"the model has no parameter or buffer {node.target!r}")
+
+    def parameter(self, node: Node) -> Any:
+        return self.workspace.parameter(self._value(node.args[0]))
+
+    def carry(self, node: Node) -> Any:
+        return self.workspace.carry(node)
+
+    def optimizer(self, node: Node) -> Any:
+        args, kwargs = self._args(node)
+        return self.workspace.optimizer(node, args[0], kwargs)
+
+    def optimize(self, node: Node) -> None:
+        return self.workspace.optimize(node, self._value(node.args[0]))
 
     def module(self, node: Node) -> Any:
         """Call a submodule; the model's own moments stand still meanwhile (see the module

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn.modules import module as torch_module
 
-from ..core.errors import GraphError, NodeFailure
+from ..core.errors import GraphError, NodeFailure, OpNotAllowedError
+from . import skips, source
 from .moments import TOKENS_KEY, forward_layout
 from .plan import POST, PRE, Key
 
@@ -49,11 +50,18 @@ def install(ex: Executor) -> list[Any]:
         else:
             ex.forwards = 1
             ex.layout = forward_layout(ex.batch.args, ex.batch.kwargs, ex.batch.size)
+        sites: dict[str, list[tuple[str, int]]] = {}  # module path -> (site name, node)
         for key, ids in ex.points.items():
-            if key[1] in (PRE, POST):
+            if key[1] in (PRE, POST) and source.SEP in key[0]:
+                path, _, name = key[0].partition(source.SEP)
+                sites.setdefault(path, []).append((name, ids[0]))
+            elif key[1] in (PRE, POST):
                 handles.append(_register(_module(ex, key[0], ids[0]), key, ex))
             elif key == TOKENS_KEY and not ex.batch.generate:
                 raise NodeFailure(ids[0], GraphError("only a generation has tokens"))
+        for path, names in sites.items():
+            handles.append(_instrument(ex, path, names))
+        handles.extend(skips.install(ex, running))  # after the hooks, which resolve the paths
         first = {n.target: n.id for n in reversed(ex.graph.nodes) if n.op == "module"}
         ex.modules = {path: _module(ex, path, first[path]) for path in ex.plan.modules}
     except BaseException:
@@ -80,19 +88,63 @@ def _root(ex: Executor) -> Callable:
     return mark(hook)
 
 
-def _register(module: torch.nn.Module, key: Key, ex: Executor) -> Any:
-    def moment(value: Any) -> Any:
-        if running.get() is not ex or not ex.sides.listens(ex.side, key):
-            return None
-        ex.current, ex.replaced = value, False
-        ex._fire(key)
-        new, ex.current = ex.current, None
-        return new if ex.replaced else None
+def _moment(ex: Executor, key: Key, value: Any) -> Any:
+    """Hand ``ex`` the moment ``key`` with ``value``: what replaces the value, or None."""
+    if running.get() is not ex or not ex.sides.listens(ex.side, key):
+        return None
+    ex.current, ex.replaced = value, False
+    ex._fire(key)
+    new, ex.current = ex.current, None
+    return new if ex.replaced else None
 
+
+def _register(module: torch.nn.Module, key: Key, ex: Executor) -> Any:
     if key[1] == PRE:
-        pre = mark(lambda module, args, kwargs: moment((args, kwargs)))
+        pre = mark(lambda module, args, kwargs: _moment(ex, key, (args, kwargs)))
         return module.register_forward_pre_hook(pre, with_kwargs=True)
-    return module.register_forward_hook(mark(lambda module, args, output: moment(output)))
+    return module.register_forward_hook(mark(lambda module, args, output: _moment(ex, key, output)))
+
+
+class _Sites:
+    """The executor's side of a module whose forward :mod:`.source` instruments: its sites'
+    moments are the executor's, like a module hook's."""
+
+    def __init__(self, ex: Executor, path: str, names: frozenset[str]) -> None:
+        self.ex, self.path, self.names = ex, path, names
+
+    def active(self) -> bool:
+        return running.get() is self.ex
+
+    def fire(self, name: str, kind: str, value: Any) -> Any:
+        key = (f"{self.path}{source.SEP}{name}", kind)
+        new = _moment(self.ex, key, value) if key in self.ex.points else None
+        if new is None:
+            return value
+        if not self.ex.trusted and not (source.is_data(value) and source.is_data(new)):
+            # A call's values may be the model's own objects (a module, a function): an
+            # untrusted graph must not swap which ones the server's code goes on to use.
+            write = next(i for i in self.ex.points[key] if self.ex.graph.nodes[i].op[:4] == "set_")
+            refused = OpNotAllowedError(
+                f"{key[0]}'s {'inputs' if kind == PRE else 'output'} hold Python objects, not "
+                "only tensors and numbers; this server lets a graph replace data only"
+            )
+            raise NodeFailure(write, refused)
+        return new
+
+
+def _instrument(ex: Executor, path: str, names: list[tuple[str, int]]) -> Any:
+    """Run the instrumented forward of the module at ``path`` for the sites ``names`` read."""
+    module = _module(ex, path, names[0][1])
+    sites = source.of(type(module))
+    for name, node in names:
+        try:
+            sites.check(name)
+        except AttributeError as exc:
+            raise NodeFailure(node, exc) from None
+    try:
+        return source.instrument(module, _Sites(ex, path, frozenset(n for n, _ in names)))
+    except GraphError as exc:
+        raise NodeFailure(names[0][1], exc) from None
 
 
 def mark(hook: Callable) -> Callable:

@@ -76,7 +76,7 @@ class Sides:
 
 def _owner(path: str, latest: dict[str, int]) -> int | None:
     """The latest ``module`` node whose module is strictly above ``path``."""
-    parts = path.split(".")
+    parts = path.replace(":", ".").split(".")  # a source site (``a.b:c``) is below ``a.b``
     found = [latest[p] for p in (".".join(parts[:n]) for n in range(1, len(parts))) if p in latest]
     return max(found, default=None)
 

@@ -16,9 +16,14 @@ from ..core.graph import Node
 from . import calls
 from .calls import NotRun
 from .moments import describe
+from .plan import GRAD
 
 if TYPE_CHECKING:
     from .executor import Executor
+
+#: A point read whose kwargs hold ``{IF_CALLED: True}`` (a cache of every module) is no failure
+#: when its module is never called (a dropout a model skips): its saved value is left out.
+IF_CALLED = "if_called"
 
 
 def check_all_ran(ex: Executor) -> None:
@@ -29,6 +34,14 @@ def check_all_ran(ex: Executor) -> None:
             continue
         made = ex.calls.get(ex.key_of[i], 0)
         side = ex.sides.side_of.get(i)
+        if ex.key_of[i][1] == GRAD:
+            what = (
+                "no gradient reached this value in its backward pass: the loss does not "
+                "depend on it (a slice or copy of a module's value is not on the loss's path: "
+                "read .grad of the value itself), or it was computed before anything that "
+                "requires a gradient"
+            )
+            raise NodeFailure(i, GraphError(what), "")
         if side is not None:
             target = ex.graph.nodes[side].target
             what = f"{describe(node)} never happened inside the call of {target!r}"
@@ -44,6 +57,8 @@ def check_all_ran(ex: Executor) -> None:
 
 def _tolerated(ex: Executor, node: Node) -> bool:
     """A point node of calls that never came although its module ran in the forward."""
+    if node.kwargs and node.kwargs.get(IF_CALLED) is True:
+        return True
     if node.id in ex.sides.side_of or ex.calls.get(ex.key_of[node.id], 0) == 0:
         return False
     return calls.is_many(node.call) or ex.batch.generate
@@ -51,7 +66,12 @@ def _tolerated(ex: Executor, node: Node) -> bool:
 
 def saved(ex: Executor) -> dict[int, Any]:
     """The saved values: one per call for a call range, a NotRun for a step never run."""
-    return {i: _saved(ex, i) for i in ex.graph.saved}
+    nodes = ex.graph.nodes
+    return {
+        i: _saved(ex, i)
+        for i in ex.graph.saved
+        if ex.done[i] or i in ex.collected or nodes[i].kwargs.get(IF_CALLED) is not True
+    }
 
 
 def _saved(ex: Executor, i: int) -> Any:

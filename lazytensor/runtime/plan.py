@@ -16,13 +16,19 @@ from typing import ClassVar
 from ..core import ops
 from ..core.graph import EVERY_CALL, Graph, Ref
 
-PRE, POST, RESULT, TOKENS = "pre", "post", "result", "tokens"
+PRE, POST, RESULT, TOKENS, GRAD = "pre", "post", "result", "tokens", "grad"
 #: The hook kind each point op waits for.
-KIND = {"input": PRE, "inputs": PRE, "set_input": PRE, "set_inputs": PRE,
-        "output": POST, "set_output": POST, "result": RESULT, "tokens": TOKENS}  # fmt: skip
-READS = frozenset(("input", "inputs", "output", "result", "tokens"))
+KIND = {"input": PRE, "inputs": PRE, "set_input": PRE, "set_inputs": PRE, "skip": PRE,
+        "output": POST, "set_output": POST, "result": RESULT, "tokens": TOKENS,
+        "grad": GRAD, "set_grad": GRAD}  # fmt: skip
+READS = frozenset(("input", "inputs", "output", "result", "tokens", "grad"))
 
-Key = tuple[str, str]  # (module path, PRE | POST | RESULT)
+Key = tuple[str, str]  # (module path, PRE | POST | RESULT | TOKENS), or ("#<node>", GRAD)
+
+
+def grad_key(node_id: int) -> Key:
+    """The moment the gradient of node ``node_id`` reaches it in a backward pass."""
+    return (f"#{node_id}", GRAD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +45,8 @@ class Plan:
         repeating: nodes that run again at each of several calls (``tracer.all()``, a range).
         mutating: nodes that write into their first argument.
         modules: module paths called by ``module`` nodes.
+        backwards: per ``backward`` node, the nodes whose gradients it reads or replaces.
+        weights: ``weight`` nodes (model parameters and buffers: never written).
     """
 
     deps: tuple[tuple[int, ...], ...]
@@ -49,6 +57,8 @@ class Plan:
     repeating: frozenset[int]
     mutating: frozenset[int]
     modules: frozenset[str]
+    backwards: dict[int, tuple[int, ...]]
+    weights: frozenset[int]
 
     _cache: ClassVar[OrderedDict[tuple, Plan]] = OrderedDict()
     CACHE_SIZE: ClassVar[int] = 256
@@ -83,13 +93,20 @@ class Plan:
         repeating: set[int] = set()
         mutating: set[int] = set()
         modules: set[str] = set()
+        backwards: dict[int, list[int]] = {}
+        weights: set[int] = set()
         for node in graph.nodes:
             i, op = node.id, node.op
             deps[i] = node.deps()
             for d in deps[i]:
                 users[d].append(i)
             if op in KIND:
-                key = key_of[i] = (node.target, KIND[op])
+                if KIND[op] == GRAD:  # the gradient of args[0] in backward pass ``call``
+                    target = node.args[0].id
+                    key = key_of[i] = grad_key(target)
+                    backwards.setdefault(node.call, []).append(target)
+                else:
+                    key = key_of[i] = (node.target, KIND[op])
                 points.setdefault(key, []).append(i)
                 if node.call == EVERY_CALL or type(node.call) is tuple:  # several calls
                     repeating.add(i)
@@ -98,6 +115,12 @@ class Plan:
                 continue
             if op == "module":
                 modules.add(node.target)
+            elif op == "backward":
+                backwards.setdefault(i, [])
+            elif op == "weight":
+                weights.add(i)
+                home[i] = i
+                continue
             facts = ops.facts(op, node.target)
             if facts.writes or node.kwargs.get("inplace") is True:  # F.relu(x, inplace=True)
                 mutating.add(i)
@@ -115,4 +138,6 @@ class Plan:
             frozenset(repeating),
             frozenset(mutating),
             frozenset(modules),
+            {b: tuple(dict.fromkeys(t)) for b, t in backwards.items()},
+            frozenset(weights),
         )

@@ -39,6 +39,11 @@ def to_graph(value: Any, trace: Trace, refs: list[int]) -> Any:
         if value._trace is trace:
             refs.append(value._node)
             return Ref(value._node)
+        session = trace.session
+        if session is not None and session.holds(value):  # an earlier trace's, or session code
+            ref = session.carry(value, trace)
+            refs.append(ref.id)
+            return ref
         return to_graph(value._trace.value_of(value), trace, refs)  # another trace's result
     if isinstance(value, _PLAIN):
         return value

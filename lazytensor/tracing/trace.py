@@ -36,8 +36,12 @@ from ..core.graph import Batch, Graph, Node
 from ..core.site import Site, user_frame
 from ..core.site import here as _site
 from ..runtime.evaluate import evaluate
+from . import cache as caches
+from . import gradients, steps
 from . import job as jobs
-from . import steps
+from . import scan as scans
+from . import session as sessions
+from . import stop as stopping
 from .args import computed_inputs, to_graph, to_values
 from .proxy import Method, Proxy
 from .publish import publish
@@ -73,8 +77,13 @@ class Trace:
         strict: bool = False,
         blocking: bool = True,
         lazy: bool = False,
+        scan: bool = False,
+        edit: bool = False,
     ) -> None:
         self.root, self.inputs, self.backend = root, inputs, backend
+        self.scan = scan  # run shape-only at the end (model.scan)
+        self.edit = edit  # never run: the graph is kept for later traces (model.edit)
+        self.stopped: Site | None = None  # where tracer.stop() was recorded
         self.blocking = blocking
         self.lazy = lazy  # recorded outside a block, run when a value is needed
         self.job: Job | None = None
@@ -94,9 +103,12 @@ class Trace:
         self._in_invoke = False
         self._cancelled = False
         self.containers: list[Any] = []
+        self.filled: list[Any] = []  # callables given the values when the run is done
         self._frame: Any = None
         self._token: Any = None
         self._mode: Recorder | None = None
+        self.session: Any = None  # the session this trace is a segment of (.session)
+        self.backward_id: int | None = None  # the backward pass whose block is open
         if first is not None:
             self._add_part(*first)
 
@@ -104,6 +116,9 @@ class Trace:
     def __enter__(self) -> Trace:
         if self.state is not State.RECORDING or self._token is not None:
             raise TraceError(f"a trace can be entered once; this one is {self.state.value}")
+        session = sessions.active()
+        if session is not None and session.open:
+            session.begin(self)
         self._token = enter(self)
         self._mode = Recorder(self)
         self._mode.__enter__()
@@ -117,12 +132,18 @@ class Trace:
             self.state = State.FAILED
             return False
         self._save_containers()
+        if self.session is not None:  # runs with its session, at the session's end
+            self.state = State.SUBMITTED
+            return False
+        if self.edit:  # model.edit(): the graph is applied to later traces, never run here
+            self.state = State.DONE
+            return False
         self._frame = user_frame()  # whose names will hold the values
         if not self.blocking:
             self._submit()
             return False
         try:
-            self.values = self._run(self.graph)
+            self.values = scans.run(self) if self.scan else self._run(self.graph)
         except BaseException:
             self.state = State.FAILED
             self._frame = None
@@ -139,6 +160,8 @@ class Trace:
         self.shapes = None
         frame, self._frame = self._frame, None
         steps.received(self)  # per-step values, steps that never ran
+        for fill in self.filled:  # caches (see .cache) take their values
+            fill(self.values)
         publish(frame, self.values, self, self.containers)
         self.containers = []
 
@@ -174,6 +197,8 @@ class Trace:
             raise TraceError(
                 f"this trace is {self.state.value}; it records only inside its `with` block"
             )
+        if self.stopped is not None:
+            stopping.refuse_after(self)
 
     # -- invokes and iteration --------------------------------------------------------------
     @contextlib.contextmanager
@@ -214,6 +239,20 @@ class Trace:
         """
         return Steps(self)
 
+    def cache(self, modules: Any = None, include_inputs: bool = False) -> caches.Cache:
+        """Keep the output of every module (or of ``modules``: envoys or paths), and with
+        ``include_inputs`` its ``input``/``inputs``; after the trace the returned
+        :class:`~.cache.Cache` holds them by path (in generation, one value per step).
+
+        Raises:
+            AttributeError: a path names no module of the model (the message suggests some).
+        """
+        return caches.record(self, modules, include_inputs)
+
+    def stop(self) -> None:
+        """End the run once everything recorded so far has run (see :mod:`.stop`)."""
+        stopping.record(self)
+
     def next(self) -> None:
         """Module accesses from here on mean the next step (call) of each module."""
         steps.advance(self)
@@ -235,13 +274,29 @@ class Trace:
         node = self.graph.add(op, path, call=self.call, rows=self.rows, site=_site())
         return Proxy(self, node.id)
 
+    def weight(self, path: str) -> Proxy:
+        """A model parameter or buffer (``lm.lm_head.weight``), read-only inside the trace."""
+        self._check_recording()
+        return Proxy(self, self.graph.add("weight", path, site=_site()).id)
+
     def write(self, path: str, op: str, value: Any) -> None:
         self._check_recording()
         arg = to_graph(value, self, [])
         self.graph.add(op, path, (arg,), call=self.call, rows=self.rows, site=_site())
 
+    def _routed(self) -> Any:
+        """The trace where an op on this (ended) trace's proxies records now: in an open
+        session, the session's current trace or code; else ``None``."""
+        session = self.session
+        if self.state is not State.RECORDING and session is not None and session.open:
+            return session.recording()
+        return None
+
     def apply(self, op: str, target: str, args: tuple, kwargs: dict | None = None) -> Any:
         """Record ``op`` (or, after the block, compute it on the real values)."""
+        routed = self._routed()
+        if routed is not None:
+            return routed.apply(op, target, args, kwargs)
         if self.state is State.DONE:
             eager = Node(-1, op, target, tuple(to_values(args)), to_values(kwargs or {}))
             return evaluate(eager, (), [])
@@ -266,7 +321,7 @@ class Trace:
         """Record a call that reached ``__torch_function__``."""
         if self.state is State.DONE:
             return func(*to_values(args), **to_values(kwargs))
-        return record_torch(self, func, args, kwargs)
+        return record_torch(self._routed() or self, func, args, kwargs)
 
     def apply_python(self, fn: Any, args: tuple, kwargs: dict) -> Any:
         """Record a call of the user's own function (see :func:`lazytensor.apply`)."""
@@ -278,12 +333,23 @@ class Trace:
     def save(self, proxy: Proxy) -> None:
         if proxy._trace is not self:
             raise TraceError("this proxy belongs to another trace")
-        if self.state is State.RECORDING:
+        if self.state is State.RECORDING or (self.session is not None and self.session.open):
             self.graph.save(proxy._node)
+
+    def backward(self, loss: Proxy, *args: Any, **kwargs: Any) -> gradients.Backward:
+        """``loss.backward()``: record a backward pass (see :mod:`.gradients`)."""
+        return gradients.backward(self._routed() or self, loss, *args, **kwargs)
 
     # -- policy: attributes, materialization, shapes ------------------------------------------
     def attribute(self, proxy: Proxy, name: str) -> Any:
-        if self.state is not State.RECORDING:  # DONE answers; FAILED raises
+        routed = self._routed()
+        if routed is not None and name not in _META_ATTRIBUTES and name not in _META_METHODS:
+            return routed.attribute(proxy, name)
+        if name == "grad" and self.state is State.RECORDING:
+            return gradients.read(self, proxy)
+        if name == "backward" and self.state is State.RECORDING:
+            return lambda *args, **kwargs: self.backward(proxy, *args, **kwargs)
+        if self.state is not State.RECORDING and routed is None:  # DONE answers; FAILED raises
             return getattr(self.value_of(proxy), name)
         if name in _META_ATTRIBUTES or name in _META_METHODS:
             return getattr(self.meta(proxy), name)
@@ -294,6 +360,9 @@ class Trace:
         return self.apply("getattr", ops.check_attribute(name), (proxy,))
 
     def set_attribute(self, proxy: Proxy, name: str, value: Any) -> None:
+        if name == "grad" and (self.state is State.RECORDING or self._routed() is not None):
+            gradients.write(self._routed() or self, proxy, value)
+            return
         raise TraceError(
             f"cannot set attribute {name!r} on a proxy at {_site()}; "
             "assign to a module's .output/.input instead"
@@ -318,6 +387,8 @@ class Trace:
             )
         if self.state is State.FAILED:
             raise TraceError("the trace failed, so it has no values")
+        if self.session is not None and self.session.open:
+            self.session.check_open("reading a value")
         if self.state is State.SUBMITTED:
             self._wait()
             return self.value_of(proxy)
@@ -332,7 +403,11 @@ class Trace:
         """A sync point: run the graph so far until ``proxy`` exists, return ``how(value)``."""
         if self.state is not State.RECORDING:
             return how(self.value_of(proxy))
+        if self.scan:
+            scans.refuse_values(self)
         site = _site()
+        if self.session is not None:
+            self.session.check_open("reading a real value")
         if self.strict:
             raise StrictModeError(
                 f"materialization at {site}: reading a real value inside a strict trace "

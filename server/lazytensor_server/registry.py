@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from lazytensor.runtime.source import of as sites_of
+
 
 @dataclass
 class ServedModel:
@@ -18,13 +20,16 @@ class ServedModel:
     source: str = ""
     paths: frozenset[str] = field(default_factory=frozenset)
     tree: dict = field(default_factory=dict)
+    weights: frozenset[str] = field(default_factory=frozenset)  # parameter and buffer names
 
     @classmethod
     def wrap(
         cls, name: str, module: torch.nn.Module, tokenizer: Any = None, source: str = ""
     ) -> ServedModel:
         paths = frozenset(path for path, _ in module.named_modules())
-        return cls(name, module.eval(), tokenizer, source, paths, describe(module))
+        tree = {**describe(module), "sources": sources(module)}
+        weights = frozenset(n for n, _ in (*module.named_parameters(), *module.named_buffers()))
+        return cls(name, module.eval(), tokenizer, source, paths, tree, weights=weights)
 
     def info(self, queued: int, served: int) -> dict:
         param = next(self.module.parameters(), None)
@@ -50,19 +55,40 @@ class ServedModel:
             }
         return {"model": self.name, "tree": self.tree, "tokenizer": tokenizer}
 
+    def check_site(self, path: str, name: str) -> None:
+        """Raise ``AttributeError`` unless ``name`` is a source site of the module at
+        ``path`` (one of :attr:`paths`), by this server's own reading of its code."""
+        sites_of(type(self.module.get_submodule(path))).check(name)
+
     def matches(self, name: str) -> bool:
         base = name.rstrip("/").rsplit("/", 1)[-1]
         own = self.source.rstrip("/").rsplit("/", 1)[-1] if self.source else None
         return name in (self.name, self.source) or base in (self.name, own)
 
 
+#: Sizes a client may read from a described module (``lm.lm_head.in_features``).
+_SIZES = ("in_features", "out_features", "embedding_dim", "num_embeddings", "hidden_size")
+
+
 def describe(module: torch.nn.Module) -> dict:
     """The module tree of ``module`` as plain data (no tensors, no code)."""
     return {
         "cls": type(module).__name__,
+        "weights": [*module._parameters, *module._buffers],
+        "attributes": {k: v for k in _SIZES if type(v := getattr(module, k, None)) is int},
         "children": {
             name: describe(child) for name, child in module._modules.items() if child is not None
         },
+    }
+
+
+def sources(module: torch.nn.Module) -> dict[str, list[list[str]]]:
+    """Per module class of ``module``: its forward's source sites as ``[name, line, inside]``
+    (:mod:`lazytensor.runtime.source`), so clients can name them."""
+    classes = {type(m).__name__: type(m) for m in module.modules()}
+    return {
+        name: [[s.name, s.line, s.inside] for s in sites_of(cls).sites]
+        for name, cls in classes.items()
     }
 
 

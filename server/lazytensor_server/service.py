@@ -28,10 +28,11 @@ import torch
 
 from lazytensor.core import ops, tree
 from lazytensor.core.errors import NodeFailure, OpNotAllowedError, ProtocolError, UnknownRequest
-from lazytensor.core.graph import Batch, Graph, Node
+from lazytensor.core.graph import Batch, Graph, Node, Segment
 from lazytensor.protocol import codec
 from lazytensor.protocol import messages as m
 
+from . import sessions
 from .auth import Keys
 from .limits import Limits, check
 from .metrics import Metrics
@@ -234,13 +235,31 @@ class Service:
 
     def _job(self, request: m.Run, owner: Any, served: ServedModel, size: int) -> Job:
         limits = self.limits  # request bytes were checked in handle, before decoding
-        graph = request.graph
-        check("graph nodes", len(graph.nodes), limits.max_nodes, "--max-nodes")
+        graph, segments = request.graph, request.segments
+        nodes = len(graph.nodes) + sum(len(s.graph.nodes) for s in segments)
+        check("graph nodes", nodes, limits.max_nodes, "--max-nodes")
+        positional = served.tokenizer is None
+        if segments:
+            if graph.nodes or request.stop_at is not None or request.fake:
+                raise ProtocolError("a session sends its segments only, with an empty graph")
+            sessions.check_segments(segments)
+            for index, segment in enumerate(segments):
+                try:
+                    _check_graph(segment.graph, served, self.trusted)
+                except NodeFailure as failure:
+                    failure.segment = index
+                    raise
+            segments = tuple(
+                Segment(s.graph, s.batch and _batch(s.batch, limits, positional=positional))
+                for s in segments
+            )
+        elif any(node.op == "carry" for node in graph.nodes):
+            raise ProtocolError("only a session's segments carry values between runs")
         _check_graph(graph, served, self.trusted)
-        batch = _batch(request.batch, limits, positional=served.tokenizer is None)
-        return Job(
-            request.id, owner, served.name, graph, batch, request.stop_at, request.fake, size
-        )
+        batch = _batch(request.batch, limits, positional=positional) if not segments else Batch()
+        job = Job(request.id, owner, served.name, graph, batch, request.stop_at, request.fake, size)
+        job.segments = segments
+        return job
 
     # -- outcomes -------------------------------------------------------------------------------
     def _done(self, job: Job, message: m.Message) -> None:
@@ -360,6 +379,9 @@ def _check_graph(graph: Graph, served: ServedModel, trusted: bool) -> None:
     """
     for node in graph.nodes:
         try:
+            if node.op in sessions.OPS:
+                sessions.check_node(node, graph, served)
+                continue
             _check_node(node, served, trusted)
         except (AttributeError, OpNotAllowedError) as exc:
             raise NodeFailure(node.id, exc) from None
@@ -367,13 +389,26 @@ def _check_graph(graph: Graph, served: ServedModel, trusted: bool) -> None:
 
 def _check_node(node: Node, served: ServedModel, trusted: bool) -> None:
     if node.is_point or node.op == "module":
-        if node.target not in served.paths:
-            raise AttributeError(f"the model {served.name!r} has no module {node.target!r}")
+        path, site, name = node.target.partition(":")  # a source site: "<module path>:<name>"
+        if path not in served.paths:
+            raise AttributeError(f"the model {served.name!r} has no module {path!r}")
+        if site and node.op == "module":
+            raise OpNotAllowedError(f"{node.target!r} is a call inside a forward, not a module")
+        if site:
+            served.check_site(path, name)
         if node.target == "" and node.op in ("set_input", "set_inputs"):
             raise OpNotAllowedError(
                 "a graph may not rewrite the model's own inputs (they are the batch, held to "
                 "this server's input allow-list); send them as the request's inputs"
             )
+        if node.op == "skip" and (not path or site):
+            raise OpNotAllowedError(
+                f"skip of {node.target!r} refused: skip() takes a submodule of the served model "
+                "(not its root or a source site)"
+            )
+    elif node.op == "stop":  # ends the run once the nodes it reads have run; names nothing
+        if node.target or node.kwargs:
+            raise OpNotAllowedError("a stop node takes no target and no keyword arguments")
     elif node.kwargs.get("out") is not None:
         raise OpNotAllowedError(f"{node.target} with out= is refused: it writes behind the graph")
     elif node.op == "function":

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from lazytensor.core import tree
-from lazytensor.core.graph import Batch, Graph
+from lazytensor.core.graph import Batch, Graph, Segment
 from lazytensor.protocol import messages as m
 from lazytensor.protocol.values import Record
-from lazytensor.runtime import fake
+from lazytensor.runtime import fake, session
 from lazytensor.runtime.device import device_of, to_device
 from lazytensor.runtime.executor import Executor
 
@@ -44,6 +44,7 @@ class Job:
     stop_at: int | None
     fake: bool
     bytes_in: int
+    segments: tuple[Segment, ...] = ()  # a session's runs (then ``graph`` is empty)
     received: float = field(default_factory=time.monotonic)
     started: float = 0.0
     cancelled: bool = False
@@ -117,19 +118,32 @@ class Worker:
 
     def _run(self, job: Job) -> dict:
         module = self.served.module
-        batch = to_device(job.batch, device_of(module))
+        device = device_of(module)
         fake_mode = fake.mode() if job.fake else None
-        executor = Executor(
-            module,
-            job.graph,
-            batch,
-            stop_at=job.stop_at,
-            fake_mode=fake_mode,
-            trusted=self.trusted,
-            deadline=time.monotonic() + self.limits.max_seconds,
-        )
+        deadline = time.monotonic() + self.limits.max_seconds  # for a whole session too
+
+        def execute(graph: Graph, batch: Batch | None, workspace: Any = None) -> dict:
+            if batch is None:  # a session's own code
+                ex = Executor(module, graph, Batch(), trusted=self.trusted, workspace=workspace)
+                return ex.run_plain()
+            executor = Executor(
+                module,
+                graph,
+                to_device(batch, device),
+                stop_at=job.stop_at,
+                fake_mode=fake_mode,
+                trusted=self.trusted,
+                deadline=deadline,
+                workspace=workspace,
+            )
+            return executor.run()
+
         try:
-            values = executor.run()
+            if job.segments:
+                runs = session.run(list(job.segments), execute)
+                values: dict = {i: run for i, run in enumerate(runs)}
+            else:
+                values = execute(job.graph, job.batch)
         except TimeoutError as exc:
             raise TimeoutError(
                 f"{exc}: over this server's limit of {self.limits.max_seconds:g} s "
