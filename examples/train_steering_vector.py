@@ -43,7 +43,7 @@ with model.session():
     vec = lt.parameter(torch.zeros(hidden))  # the client sends zeros; the server trains a copy
     opt = lt.optim.AdamW([vec], lr=lr)
     losses = []
-    for step in range(steps):
+    for _ in range(steps):
         with model.trace(prompts):
             model.model.layers[layer].output[:] += vec  # (8, 5, 64) += (64,)
             loss = steering_loss(model.output.logits)
@@ -64,7 +64,7 @@ optimizer = torch.optim.AdamW([plain], lr=lr)
 handle = reference.model.layers[layer].register_forward_hook(lambda m, i, out: out + plain)
 batch = model.tokenizer(prompts, return_tensors="pt")  # equal lengths: no padding
 plain_losses = []
-for step in range(steps):
+for _ in range(steps):
     loss = steering_loss(reference(**batch).logits)
     plain_losses.append(loss.detach())
     loss.backward()
@@ -73,9 +73,7 @@ for step in range(steps):
 handle.remove()
 loss_gap = (losses - torch.stack(plain_losses)).abs().max().item()
 vector_gap = (trained - plain.detach()).abs().max().item()
-print(
-    f"plain PyTorch loop: max |loss difference| {loss_gap:.1e}, max |vector difference| {vector_gap:.1e}"
-)
+print(f"plain PyTorch loop: max |loss gap| {loss_gap:.1e}, max |vector gap| {vector_gap:.1e}")
 assert loss_gap < 1e-4 and vector_gap < 1e-5
 
 # 3. A LoRA adapter on one MLP projection, trained the same way.
@@ -83,7 +81,7 @@ with model.session():
     adapter = lt.lora(model.model.layers[1].mlp.down_proj, rank=4, seed=0)  # every later trace
     opt = lt.optim.AdamW(adapter.parameters(), lr=lr)  # [A, B]: A random, B zeros
     lora_losses = []
-    for step in range(steps):
+    for _ in range(steps):
         with model.trace(prompts):
             loss = steering_loss(model.output.logits)
             lora_losses.append(loss.save())
@@ -92,11 +90,10 @@ with model.session():
         opt.step()
         opt.zero_grad()
     a, b = (p.save() for p in adapter.parameters())
-print(
-    f"LoRA rank 4: loss {lora_losses[0]:.4f} -> {lora_losses[-1]:.4f}; A {tuple(a.shape)}, B {tuple(b.shape)}"
-)
-assert torch.allclose(lora_losses[0], losses[0])  # B starts at zero: the model as it was
-assert lora_losses[-1] < lora_losses[0] - 0.2, lora_losses
+first, last = lora_losses[0], lora_losses[-1]
+print(f"LoRA rank 4, A {tuple(a.shape)}, B {tuple(b.shape)}: loss {first:.4f} -> {last:.4f}")
+assert torch.allclose(first, losses[0])  # B starts at zero: the model as it was
+assert last < first - 0.2, lora_losses
 
 # The served model is exactly as it was: no weight trained, no gradient left behind.
 unchanged = all(torch.equal(w, weights[name]) for name, w in served.module.state_dict().items())

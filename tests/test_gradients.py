@@ -222,3 +222,43 @@ def test_a_served_handle_reads_gradients(inproc_client, local_llama) -> None:
     local_llama._module.zero_grad(set_to_none=True)
     for g, w in zip(gradients(handle, False), want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+def test_each_invoke_reads_the_gradient_of_its_rows(llama: lt.LanguageModel) -> None:
+    """Two invokes, one backward pass over both: each reads and rewrites its own rows."""
+    prompts = ["Paris is in France", "Rome is in Italy"]
+    with llama.trace() as tracer:
+        with tracer.invoke(prompts[0]):
+            first = llama.model.layers[2].output
+        with tracer.invoke(prompts[1]):
+            second = llama.model.layers[2].output
+            early = llama.model.layers[0].output
+        with tracer.invoke():
+            loss = llama.output.logits[:, -1].log_softmax(-1)[:, TARGET].sum()
+        with loss.backward():
+            g_first = first.grad.save()
+            g_second = second.grad.save()
+            first.grad = first.grad * 0  # only row 0 of layer 2's gradient
+            g_early = early.grad.save()
+    model, kept = llama._module, {}
+
+    def keep(module, args, output, index):
+        output.retain_grad()
+        kept[index] = output
+        if index == 2:
+            output.register_hook(lambda g: kept.update(arrived=g.clone()))
+            output.register_hook(lambda g: torch.cat([g[:1] * 0, g[1:]]))
+
+    handles = [model.model.layers[i].register_forward_hook(
+        lambda m, a, o, i=i: keep(m, a, o, i)) for i in (0, 2)]  # fmt: skip
+    try:
+        inputs = dict(llama.tokenizer(prompts, return_tensors="pt", padding=True))
+        model(**inputs).logits[:, -1].log_softmax(-1)[:, TARGET].sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(g_first, kept["arrived"][:1])
+    torch.testing.assert_close(g_second, kept["arrived"][1:])
+    torch.testing.assert_close(g_early, kept[0].grad[1:])
+    assert kept[0].grad[:1].abs().sum() == 0  # row 0 got nothing past the rewritten layer 2

@@ -174,3 +174,18 @@ def test_forged_carries_are_refused(llama_service, local_llama) -> None:
     code.add("output", "model.layers.0")  # module values in session code
     with pytest.raises(OpNotAllowedError, match="only inside a trace"):
         client.call(session_request(local_llama, [Segment(code)]))
+
+
+def test_shapes_inside_a_session(llama: lt.LanguageModel) -> None:
+    hidden = llama._module.config.hidden_size
+    with llama.session():
+        vec = lt.parameter(torch.zeros(hidden))
+        assert vec.shape == (hidden,)
+        with llama.trace(CLEAN):
+            h = llama.model.layers[0].output
+            assert llama.lm_head.weight.shape == llama._module.lm_head.weight.shape
+        with llama.trace(CORRUPT):
+            assert (h[:, -1] * 2).shape == (1, hidden)  # a carried value
+            y = (llama.model.layers[0].output + vec).save()
+            want = y.shape
+    assert y.shape == want

@@ -57,6 +57,8 @@ def evaluate(
         return read_attribute(node, args[0])
     if node.op == "python":
         return call_python(node, args, kwargs, trusted=trusted)
+    if node.op == "parameter":  # its shape and dtype (a trainable copy is made in a run)
+        return args[0].detach().clone()
     raise GraphError(f"{node.op} nodes run only inside a forward pass")
 
 

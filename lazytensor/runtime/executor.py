@@ -123,6 +123,7 @@ class Executor:
         self.grad_targets = grads.wanted(self) if plan.backwards else frozenset()
         self.grad_sources = grads.sources(self) if self.grad_targets else frozenset()
         self.watched: set[int] = set()  # nodes whose values carry a gradient hook
+        self.watched_values: dict[int, Any] = {}  # ...and the tensor each hook is on
         self.backward_now: int | None = None  # the backward node running now
         self.deferred: list[int] = []  # backward nodes ready while another one ran
         collect = fake_mode is None and stop_at is None
@@ -183,7 +184,8 @@ class Executor:
         if self.fake_mode is not None:
             return {i: v for i, v in enumerate(self.values) if self.done[i]}
         outcome.check_all_ran(self)
-        return outcome.saved(self)
+        saved = outcome.saved(self)
+        return grads.detached(saved) if self.plan.backwards else saved
 
     def run_plain(self) -> dict[int, Any]:
         """Run a graph that needs no forward pass (a session's code between its traces)."""
@@ -191,9 +193,13 @@ class Executor:
         if moment is not None:
             raise NodeFailure(moment, GraphError("module values exist only inside a trace"))
         with torch.enable_grad() if self.plan.backwards else torch.no_grad():
-            self._schedule(i for i, w in enumerate(self.waiting) if w == 0)
-            self._drain()
-        return outcome.saved(self)
+            for i in range(len(self.graph.nodes)):  # recording order is a valid order
+                if not self.done[i] and i not in self.key_of:
+                    if self.deadline is not None:
+                        self._check_time()
+                    self._run_node(i)
+        saved = outcome.saved(self)
+        return grads.detached(saved) if self.plan.backwards else saved
 
     def _check_time(self, *_: Any) -> bool:
         if time.monotonic() > self.deadline:
@@ -259,8 +265,14 @@ class Executor:
                     "read values in the order the model computes them",
                 )
         self.active = None
-        if self.left == 0 and not self.repeating:  # nothing later can need the forward
-            raise _Ended
+        if self.left == 0 and not self.repeating and self._may_end():
+            raise _Ended  # nothing later can need the forward
+
+    def _may_end(self) -> bool:
+        """Whether the run may end early here: not inside a backward pass (its gradients
+        still flow) or a call the trace makes, and not in a generation (its later steps are
+        the user's result even when the graph reads none of them; ``tracer.stop()`` ends one)."""
+        return self.backward_now is None and self.side is None and not self.batch.generate
 
     def _matches(self, i: int, call: int) -> bool:
         if self.side is not None:

@@ -15,7 +15,9 @@ node's id. The replay works like a hand-written backward with tensor hooks:
   on upstream.
 * What a backward pass writes gradients into: the values it reads gradients of, the weights it
   reads gradients of, and the trainable tensors of the run (``lt.parameter``, adapters); never
-  any other weight. A server's weights get back the ``.grad`` and ``requires_grad`` they had.
+  any other weight. Weights get back the ``.grad`` and ``requires_grad`` they had (wrapping a
+  model changes nothing of it), and saved values come back detached from the run's autograd
+  graph (:func:`detached`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..core import tree
 from ..core.errors import GraphError
 from ..core.graph import Node
 from .plan import grad_key
+from .rows import narrow, replace
 
 if TYPE_CHECKING:
     from .executor import Executor
@@ -69,8 +72,7 @@ def weights_tracked(ex: Executor) -> Iterator[None]:
     finally:
         for p, requires, grad in before:
             p.requires_grad_(requires)
-            if not ex.trusted:
-                p.grad = grad
+            p.grad = grad
 
 
 def _is_parameter(ex: Executor, i: int) -> bool:
@@ -93,6 +95,7 @@ def track(ex: Executor, here: list[int]) -> None:
 
 
 def _require_grad(value: Any) -> None:
+    """Floating-point leaves of ``value`` that need no gradient now need one."""
     for leaf in tree.leaves(value):
         if (
             isinstance(leaf, torch.Tensor)
@@ -104,23 +107,43 @@ def _require_grad(value: Any) -> None:
 
 
 def watch(ex: Executor, i: int, value: Any) -> None:
-    """Put the hook that fires node ``i``'s gradient moment on its value."""
+    """Put the hook that fires node ``i``'s gradient moment on its value.
+
+    An invoke's read of a module's value is a view of its rows; the forward goes on with the
+    whole value, so the hook goes there and hands node ``i`` the gradient of its rows."""
+    node = ex.graph.nodes[i]
+    rows, layout = None, ex.layout
+    if node.rows is not None and node.op in ("output", "input") and ex.side is None:
+        whole = ex.current if node.op == "output" else _first(ex.current)
+        if isinstance(whole, torch.Tensor) and whole is not value:
+            value, rows = whole, node.rows
     if isinstance(value, torch.Tensor) and value.requires_grad:
-        value.register_hook(lambda grad: _reached(ex, i, grad))
+        value.register_hook(lambda grad: _reached(ex, i, grad, rows, layout))
         ex.watched.add(i)
+        ex.watched_values[i] = value
 
 
-def _reached(ex: Executor, i: int, grad: torch.Tensor) -> torch.Tensor | None:
-    """The gradient of node ``i`` arrived: run its ``grad``/``set_grad`` nodes."""
+def _first(inputs: Any) -> Any:
+    args, kwargs = inputs
+    return args[0] if args else next(iter(kwargs.values()), None)
+
+
+def _reached(
+    ex: Executor, i: int, grad: torch.Tensor, rows: Any = None, layout: Any = None
+) -> torch.Tensor | None:
+    """The gradient of node ``i`` (of its ``rows``) arrived: run its ``grad``/``set_grad``
+    nodes."""
     backward = ex.backward_now
     if backward is None:  # a backward pass the graph did not record (the user's own)
         return None
     outer = (ex.current, ex.replaced, ex.active)
-    ex.current, ex.replaced = grad, False
+    ex.current, ex.replaced = narrow(grad, rows, layout) if rows else grad, False
     try:
         with torch.enable_grad():  # autograd runs hooks without: nodes that run now need it
             ex._fire(grad_key(i), call=backward)
-        return ex.current if ex.replaced else None
+        if not ex.replaced:
+            return None
+        return replace(grad, ex.current, rows, layout) if rows else ex.current
     finally:
         ex.current, ex.replaced, ex.active = outer
 
@@ -148,20 +171,30 @@ def backward(ex: Executor, node: Node) -> None:
             "module's value with a gradient inside `with loss.backward():`, or train an "
             "lt.parameter)"
         )
-    inputs = [ex.values[t] for t in targets if t in ex.watched]
+    inputs = [ex.watched_values[t] for t in targets if t in ex.watched]
     inputs += [p for p in ex.workspace.trainables if p.requires_grad]
-    if not inputs and not ex.trusted:
-        return None  # nothing to compute that this run may write
+    if not inputs:
+        return None  # no gradient is read and nothing trains: nothing to compute
     ex.backward_now = node.id
     try:
         torch.autograd.backward(
             loss,
             kwargs.get("gradient"),
             retain_graph=kwargs.get("retain_graph"),
-            inputs=inputs or None,
+            inputs=inputs,
         )
     finally:
         ex.backward_now = None
         ex._schedule(ex.deferred)
         ex.deferred.clear()
     return None
+
+
+def detached(values: dict[int, Any]) -> dict[int, Any]:
+    """Saved values as data: tensors without the autograd graph of the run (which would keep
+    its whole forward alive)."""
+    return {i: tree.map(_detached, v) for i, v in values.items()}
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) and value.requires_grad else value

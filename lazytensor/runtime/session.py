@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..core import tree
 from ..core.errors import GraphError, NodeFailure
 from ..core.graph import Graph, Node, Segment
 
@@ -121,5 +122,10 @@ def run(
             raise
         for i in needed[index]:
             workspace.kept[(index, i)] = values[i]
-        results.append({i: values[i] for i in segment.graph.saved})
+        results.append({i: _detached(values[i]) for i in segment.graph.saved})
     return results
+
+
+def _detached(value: Any) -> Any:
+    """A saved value as the user reads it after the session: data, not a training graph."""
+    return tree.map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)

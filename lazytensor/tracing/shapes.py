@@ -11,9 +11,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..core.errors import TraceError, at_site
+from ..core.graph import Const, Graph, Node
 from ..runtime import fake
 from ..runtime.evaluate import evaluate
+from .proxy import Proxy
+
+#: Ops whose values need the model (or a backward pass): a shape-only pass computes them.
+_NEEDS_A_RUN = frozenset(("module", "weight", "backward", "grad", "set_grad", "optimizer",
+                          "optimize"))  # fmt: skip
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -30,11 +38,15 @@ class Shapes:
     def of(self, i: int) -> Any:
         """The fake value of node ``i``."""
         if i not in self.fake:
-            if self._alone(i):
+            node = self.trace.graph.nodes[i]
+            if node.op == "carry":  # a value of an earlier segment of the session
+                self.fake[i] = self._carried(node)
+            elif self._alone(i):
                 self.fake[i] = self._propagate(i)
             else:
                 trace = self.trace
-                found = trace._run(trace.graph.prefix(i), fake_mode=self.mode())
+                prefix = self._without_carries(trace.graph.prefix(i))
+                found = trace._run(prefix, fake_mode=self.mode())
                 for node, value in found.items():  # a pass frees values it no longer needs
                     if value is not None:
                         self.fake.setdefault(node, value)
@@ -56,8 +68,30 @@ class Shapes:
         """Whether node ``i`` can be propagated without a pass through the model."""
         node = self.trace.graph.nodes[i]
         return (
-            not node.is_point and node.op != "module" and all(d in self.fake for d in node.deps())
+            not node.is_point
+            and node.op not in _NEEDS_A_RUN
+            and all(d in self.fake for d in node.deps())
         )
+
+    def _carried(self, node: Node) -> Any:
+        segment, index = node.args
+        source = self.trace.session.segments[segment]
+        return source.meta(Proxy(source, index))
+
+    def _without_carries(self, graph: Graph) -> Graph:
+        """``graph`` with each carried tensor a constant of its shape: a shape-only pass runs
+        one trace, without the values of the session's other traces."""
+        carries = [n for n in graph.nodes if n.op == "carry"]
+        if not carries:
+            return graph
+        nodes, constants = list(graph.nodes), list(graph.constants)
+        for node in carries:
+            value = self._carried(node)
+            if isinstance(value, torch.Tensor):
+                with self.trace._paused():  # a real tensor, not a recorded factory call
+                    constants.append(torch.zeros(value.shape, dtype=value.dtype))
+                nodes[node.id] = Node(node.id, "method", "clone", (Const(len(constants) - 1),))
+        return Graph(nodes, constants, graph.saved, graph.sites)
 
     def _propagate(self, i: int) -> Any:
         """Node ``i``'s fake value from its inputs' (no plan, no pass through the model)."""

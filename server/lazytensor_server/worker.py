@@ -124,7 +124,8 @@ class Worker:
 
         def execute(graph: Graph, batch: Batch | None, workspace: Any = None) -> dict:
             if batch is None:  # a session's own code
-                ex = Executor(module, graph, Batch(), trusted=self.trusted, workspace=workspace)
+                ex = Executor(module, graph, Batch(), trusted=self.trusted, deadline=deadline,
+                              workspace=workspace)  # fmt: skip
                 return ex.run_plain()
             executor = Executor(
                 module,
