@@ -59,6 +59,17 @@ class Ref:
     id: int
 
 
+def ref(node_id: int) -> Ref:
+    """``Ref(node_id)``, made the fast way (the recorder makes one for every proxy argument)."""
+    made = _object_new(Ref)
+    _set_ref_id(made, node_id)
+    return made
+
+
+_object_new = object.__new__
+_set_ref_id = Ref.id.__set__  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True, slots=True)
 class Const:
     """An argument that is the tensor ``Graph.constants[index]``."""

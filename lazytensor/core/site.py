@@ -10,17 +10,16 @@ from __future__ import annotations
 import linecache
 import os
 import sys
-from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 #: The lazytensor package folder: frames of its code are never the user's line.
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
-@dataclass(frozen=True, slots=True)
-class Site:
-    """Where the user's code recorded a node: ``file:line``."""
+class Site(NamedTuple):
+    """Where the user's code recorded a node: ``file:line``. (A named tuple: one is made for
+    every recorded op, and a tuple is the cheapest immutable record to make.)"""
 
     file: str
     line: int
@@ -37,7 +36,12 @@ class Site:
 def here() -> Site | None:
     """The innermost frame outside lazytensor and torch: the user's line."""
     frame = user_frame()
-    return Site(frame.f_code.co_filename, frame.f_lineno) if frame is not None else None
+    if frame is None:
+        return None
+    return _tuple_new(Site, (frame.f_code.co_filename, frame.f_lineno))  # Site(...), faster
+
+
+_tuple_new = tuple.__new__
 
 
 def user_frame() -> FrameType | None:

@@ -45,8 +45,9 @@ import torch
 
 from ..core.errors import GraphError, NodeFailure
 from ..core.graph import Batch, Graph, Node, Ref
+from ..core.ops import runnable_function
 from . import calls, fake, grads, hooks, outcome, rows
-from .evaluate import SCALARS, call_function, call_method, call_python, read_attribute, resolve
+from .evaluate import SCALARS, call_method, call_python, read_attribute, resolve
 from .moments import RESULT_KEY, TOKENS_KEY, Sides, describe, rows_layout
 from .plan import GRAD, Plan
 from .session import Workspace
@@ -100,6 +101,7 @@ class Executor:
         self.key_of, self.home = plan.key_of, plan.home
         self.repeating, self.mutating = plan.repeating, plan.mutating
         self.keep = set(graph.saved) | ({stop_at} if stop_at is not None else set())
+        self.kept = self.keep | self.repeating  # values never freed while the run lasts
         self.values: list[Any] = [None] * n
         self.done = [False] * n
         self.waiting = [len(d) for d in self.deps]
@@ -122,6 +124,7 @@ class Executor:
         self.workspace = workspace if workspace is not None else Workspace()
         self.grad_targets = grads.wanted(self) if plan.backwards else frozenset()
         self.grad_sources = grads.sources(self) if self.grad_targets else frozenset()
+        self.special = frozenset((*self.key_of, *self.repeating, *self.grad_targets))
         self.watched: set[int] = set()  # nodes whose values carry a gradient hook
         self.watched_values: dict[int, Any] = {}  # ...and the tensor each hook is on
         self.backward_now: int | None = None  # the backward node running now
@@ -325,8 +328,30 @@ class Executor:
                     "so it is unknown inside the trace; use it after the trace",
                 ) from exc
             raise NodeFailure(i, exc) from exc
-        self.values[i], self.done[i] = value, True
+        values = self.values
+        values[i] = value
+        self.done[i] = True
         self.left -= 1
+        if i in self.special:  # a point node, a repeating one, or one whose gradient is read
+            self._ran_special(i, value)
+        pending, kept = self.pending_users, self.kept
+        for d in self.deps[i]:
+            pending[d] -= 1
+            if pending[d] == 0 and d not in kept:
+                values[d] = None
+        users = self.users[i]
+        if users:
+            waiting, key_of, heap = self.waiting, self.key_of, self.heap
+            for u in users:
+                waiting[u] -= 1
+                if waiting[u] == 0 and (u not in key_of or self._is_active(u)):
+                    heapq.heappush(heap, u)
+        elif i not in kept and self.fake_mode is None:
+            values[i] = None  # nothing reads it (a bare `x.mul_(2)`): free it now
+        if i == self.stop_at:
+            raise _Stop
+
+    def _ran_special(self, i: int, value: Any) -> None:
         if i in self.grad_targets and self.fake_mode is None:
             grads.watch(self, i, value)
         if i in self.key_of:
@@ -335,19 +360,6 @@ class Executor:
             self.epoch[i] = self.forwards
             if i in self.collected:
                 self.collected[i].append(value)
-        for d in self.deps[i]:
-            self.pending_users[d] -= 1
-            if self.pending_users[d] == 0 and d not in self.keep and d not in self.repeating:
-                self.values[d] = None
-        if not self.users[i] and i not in self.keep and i not in self.repeating:
-            if self.fake_mode is None:  # nothing reads it (a bare `x.mul_(2)`): free it now
-                self.values[i] = None
-        for u in self.users[i]:
-            self.waiting[u] -= 1
-            if self.waiting[u] == 0 and (u not in self.key_of or self._is_active(u)):
-                heapq.heappush(self.heap, u)
-        if i == self.stop_at:
-            raise _Stop
 
     def _reset(self, start: int) -> None:
         """Forget a repeating point node and everything computed from it, to run again.
@@ -466,7 +478,8 @@ class Executor:
     def function(self, node: Node) -> Any:
         if node.id in self.mutating:
             self._check_write(node)
-        return call_function(node, *self._args(node))
+        args, kwargs = self._args(node)
+        return runnable_function(node.target)(*args, **kwargs)  # call_function, inlined
 
     def method(self, node: Node) -> Any:
         if node.id in self.mutating:

@@ -28,6 +28,14 @@ class Proxy:
         object.__setattr__(self, "_trace", trace)
         object.__setattr__(self, "_node", node)
 
+    @classmethod
+    def of(cls, trace: Trace, node: int) -> Proxy:
+        """``Proxy(trace, node)``, made the fast way (one is made for every recorded op)."""
+        made = _object_new(cls)
+        _set_trace(made, trace)
+        _set_node(made, node)
+        return made
+
     # -- the public surface -------------------------------------------------------------
     def save(self) -> Proxy:
         """Keep this value after the trace; returns ``self``."""
@@ -195,3 +203,7 @@ for _name in ops.REFLECTED:
     setattr(Proxy, _name, _reflected(_name))
 for _name in ops.INPLACE:
     setattr(Proxy, _name, _inplace(_name))
+
+_object_new = object.__new__
+_set_trace = Proxy._trace.__set__  # type: ignore[attr-defined]
+_set_node = Proxy._node.__set__  # type: ignore[attr-defined]

@@ -32,7 +32,7 @@ import torch
 from ..backends.base import Backend, Job, JobState, RunRequest
 from ..core import ops, tree
 from ..core.errors import NodeFailure, StrictModeError, TraceError, at_site
-from ..core.graph import Batch, Graph, Node
+from ..core.graph import Batch, Graph, Node, ref
 from ..core.site import Site, user_frame
 from ..core.site import here as _site
 from ..runtime.evaluate import evaluate
@@ -56,6 +56,18 @@ _META_ATTRIBUTES = frozenset(("shape", "dtype", "device", "ndim", "is_cuda", "la
 _META_METHODS = frozenset(("size", "dim", "numel", "ndimension", "nelement", "element_size",
                            "is_floating_point", "is_contiguous"))  # fmt: skip
 _VALUE_METHODS = frozenset(("item", "tolist", "numpy"))
+#: Arguments a graph holds as they are.
+_PLAIN_ARGS = frozenset((int, float, bool, str, type(None)))
+#: ``(op, target)`` pairs already checked against the allow-list (the check raises otherwise).
+_ALLOWED: set[tuple[str, str]] = set()
+
+
+def _check_op(op: str, target: str) -> None:
+    if op == "function":
+        ops.resolve_function(target)
+    elif op == "method":
+        ops.check_method(target)
+    _ALLOWED.add((op, target))
 
 
 class Trace:
@@ -293,7 +305,39 @@ class Trace:
         return None
 
     def apply(self, op: str, target: str, args: tuple, kwargs: dict | None = None) -> Any:
-        """Record ``op`` (or, after the block, compute it on the real values)."""
+        """Record ``op`` (or, after the block, compute it on the real values).
+
+        The path every recorded op takes, so it is kept short: the op is checked against the
+        allow-list once per name, and plain arguments are converted inline."""
+        if self.state is not State.RECORDING:
+            return self._apply_outside(op, target, args, kwargs)
+        if (op, target) not in _ALLOWED:
+            _check_op(op, target)
+        if kwargs and kwargs.get("out") is not None:
+            raise TraceError(
+                f"out= is not supported inside a trace (at {_site()}): it writes into a tensor "
+                "behind the graph's back; assign the result instead, e.g. `y[:] = torch.add(a, b)`"
+            )
+        refs: list[int] = []
+        graph_args = []
+        for arg in args:
+            kind = type(arg)
+            if kind is Proxy and arg._trace is self:
+                refs.append(arg._node)
+                graph_args.append(ref(arg._node))
+            elif kind in _PLAIN_ARGS:
+                graph_args.append(arg)
+            else:
+                graph_args.append(to_graph(arg, self, refs))
+        graph_kwargs = to_graph(kwargs, self, refs) if kwargs else {}
+        node = self.graph.add(op, target, tuple(graph_args), graph_kwargs, site=_site())
+        # the reads were collected while converting: no second walk
+        node._deps = (refs[0],) if len(refs) == 1 else tuple(sorted(set(refs)))
+        return Proxy.of(self, node.id)
+
+    def _apply_outside(self, op: str, target: str, args: tuple, kwargs: dict | None) -> Any:
+        """``apply`` once the block has ended: in an open session, record where the session
+        records now; after the run, compute on the real values; else refuse."""
         routed = self._routed()
         if routed is not None:
             return routed.apply(op, target, args, kwargs)
@@ -301,21 +345,7 @@ class Trace:
             eager = Node(-1, op, target, tuple(to_values(args)), to_values(kwargs or {}))
             return evaluate(eager, (), [])
         self._check_recording()
-        if op == "function":
-            ops.resolve_function(target)
-        elif op == "method":
-            ops.check_method(target)
-        if kwargs and kwargs.get("out") is not None:
-            raise TraceError(
-                f"out= is not supported inside a trace (at {_site()}): it writes into a tensor "
-                "behind the graph's back; assign the result instead, e.g. `y[:] = torch.add(a, b)`"
-            )
-        refs: list[int] = []
-        graph_args = to_graph(args, self, refs)
-        graph_kwargs = to_graph(kwargs, self, refs) if kwargs else {}
-        node = self.graph.add(op, target, graph_args, graph_kwargs, site=_site())
-        node._deps = tuple(sorted(set(refs)))  # collected while converting: no second walk
-        return Proxy(self, node.id)
+        raise AssertionError("unreachable: a trace that is not recording refuses ops")
 
     def apply_torch(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """Record a call that reached ``__torch_function__``."""
