@@ -44,6 +44,7 @@ class RunRequest:
     stop_at: int | None = None
     fake_mode: Any = None
     segments: tuple[Segment, ...] = ()  # a session: these runs in order, and no graph
+    compile: bool | str = False  # compiled replay (lazytensor.runtime.compiled); a str: backend
 
 
 class Job(Protocol):

@@ -15,7 +15,7 @@ import torch
 
 from ..core.errors import TraceError
 from ..core.graph import Batch, Graph, Segment
-from ..runtime import session
+from ..runtime import compiled, session
 from ..runtime.device import device_of, to_device
 from ..runtime.executor import Executor
 from .base import JobState, RunRequest
@@ -32,6 +32,11 @@ class LocalBackend:
         batch = request.batch
         if request.fake_mode is None:
             batch = to_device(batch, device_of(module))
+        plain = request.stop_at is None and request.fake_mode is None
+        if plain and (request.compile or compiled.AUTO_AFTER is not None):
+            values = compiled.PROGRAMS.run(module, request.graph, batch, request.compile)
+            if values is not None:
+                return values
         executor = Executor(
             module, request.graph, batch, stop_at=request.stop_at, fake_mode=request.fake_mode
         )

@@ -59,6 +59,7 @@ class Model(Envoy):
         remote: Any = False,
         blocking: bool = True,
         trace: bool = True,
+        compile: bool | str = False,
         **kwargs: Any,
     ) -> Trace:
         """Open a trace; ``args``/``kwargs`` are the forward's inputs (one implicit invoke).
@@ -71,6 +72,10 @@ class Model(Envoy):
                 poll ``tracer.status()``, wait with ``tracer.result()``, drop with
                 ``tracer.cancel()``.
             trace: ``False`` runs the model on the inputs now and returns its output (no block).
+            compile: compiled replay (:mod:`lazytensor.runtime.compiled`): from the second run of
+                a graph structure on, the model and the interventions run as one
+                ``torch.compile``'d function whose inputs are the graph's constants. A string
+                names the ``torch.compile`` backend (``"inductor"`` for ``True``).
 
         Returns:
             A :class:`~lazytensor.tracing.trace.Trace` to use as a context manager.
@@ -78,7 +83,7 @@ class Model(Envoy):
         first = (args, kwargs) if (args or kwargs) else None
         if not trace:
             return self._plain(first, remote=remote)
-        return self._open(first, remote=remote, strict=strict, blocking=blocking)
+        return self._open(first, remote=remote, strict=strict, blocking=blocking, compile=compile)
 
     def _plain(self, first: Any, *, remote: Any, generate: bool = False, **options: Any) -> Any:
         """``trace=False``: the model's output (``generate``'s result) on these inputs."""
@@ -291,6 +296,7 @@ class LanguageModel(Model):
         remote: Any = False,
         blocking: bool = True,
         trace: bool = True,
+        compile: bool | str = False,
         **kwargs: Any,
     ) -> Trace:
         """Trace ``model.generate``: ``kwargs`` are generation options (``max_new_tokens``...).
@@ -303,7 +309,13 @@ class LanguageModel(Model):
         if not trace:
             return self._plain(first, remote=remote, generate=True, **kwargs)
         return self._open(
-            first, remote=remote, generate=True, options=kwargs, strict=strict, blocking=blocking
+            first,
+            remote=remote,
+            generate=True,
+            options=kwargs,
+            strict=strict,
+            blocking=blocking,
+            compile=compile,
         )
 
     def _local_module(self) -> torch.nn.Module:

@@ -89,6 +89,7 @@ class Trace:
         strict: bool = False,
         blocking: bool = True,
         lazy: bool = False,
+        compile: bool | str = False,
         scan: bool = False,
         edit: bool = False,
     ) -> None:
@@ -98,6 +99,7 @@ class Trace:
         self.stopped: Site | None = None  # where tracer.stop() was recorded
         self.blocking = blocking
         self.lazy = lazy  # recorded outside a block, run when a value is needed
+        self.compile = compile  # compiled replay (lazytensor.runtime.compiled)
         self.job: Job | None = None
         self.graph = Graph()
         self.state = State.RECORDING
@@ -479,7 +481,7 @@ class Trace:
         """Run ``graph`` on the backend (shape-only under ``fake_mode``), recording paused."""
         try:
             with self._paused():
-                request = RunRequest(graph, self._batch(), stop_at, fake_mode)
+                request = RunRequest(graph, self._batch(), stop_at, fake_mode, compile=self.compile)
                 return self.backend.run(request)
         except NodeFailure as failure:
             raise self._at_site(failure) from failure.error
