@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 import lazytensor as lt
@@ -117,3 +118,26 @@ def test_a_materialization_stays_eager(llama) -> None:
         first = llama.model.layers[0].output[0, -1, 0].item()
         llama.output.logits.save()
     assert isinstance(first, float) and backend.graphs == 0
+
+
+def test_no_text_of_a_graph_becomes_code(tmp_path) -> None:
+    """A keyword name or a dict key that is Python source is refused, or stays data."""
+    from lazytensor.core.graph import Graph, Ref
+    from lazytensor.runtime.rows import Layout
+
+    marker = tmp_path / "ran"
+    evil = f"x=open({str(marker)!r}, 'w'), y"
+    graph = Graph()
+    graph.add("output", "layer")
+    graph.add("function", "torch.add", (Ref(0), 1.0), {evil: 1})
+    with pytest.raises(compiled.Unsupported, match="not a name"):
+        compiled._code("moment", [0, 1], graph, Layout(1))
+    graph = Graph()
+    graph.add("output", "layer")
+    graph.add("function", "operator.getitem", ({evil: Ref(0)}, evil))
+    code = compiled._code("moment", [0, 1], graph, Layout(1))
+    state = compiled._State()
+    state.values, state.consts = {}, []
+    code(state, torch.ones(2))
+    torch.testing.assert_close(state.values[1], torch.ones(2))
+    assert not marker.exists()

@@ -25,6 +25,7 @@ schedule); :data:`AUTO_AFTER` compiles any structure run that many times.
 from __future__ import annotations
 
 import itertools
+import keyword
 import logging
 import os
 import threading
@@ -187,7 +188,11 @@ def _on_cuda(model: torch.nn.Module) -> bool:
 # -- code generation ---------------------------------------------------------------------------
 def _code(name: str, ids: list[int], graph: Graph, layout: Layout) -> Callable:
     """A function ``(state, current) -> replacement or None`` running nodes ``ids`` in order,
-    as straight-line Python (what ``torch.compile`` traces into the model's graph)."""
+    as straight-line Python (what ``torch.compile`` traces into the model's graph).
+
+    No text of the graph becomes code: every value, name and target is bound in the
+    function's namespace under a generated name, keyword names must be identifiers, and node
+    ids are integers; what runs is what the executor would run (the same allow-listed ops)."""
     names: dict[str, Any] = {"NARROW": narrow, "REPLACE": replace, "LAYOUT": layout,
                              "FIRST": _first, "SET_FIRST": _set_first}  # fmt: skip
     lines = [f"def {name}(state, current):", "    v, c = state.values, state.consts"]
@@ -198,6 +203,8 @@ def _code(name: str, ids: list[int], graph: Graph, layout: Layout) -> Callable:
             raise Unsupported(f"node {i} ({node.op} {node.target}) cannot be compiled")
         rows = _name(names, node.rows)
         args = [_expr(a, names) for a in node.args]
+        if not all(k.isidentifier() and not keyword.iskeyword(k) for k in node.kwargs):
+            raise Unsupported(f"node {i} has a keyword argument that is not a name")
         kwargs = [f"{k}={_expr(a, names)}" for k, a in node.kwargs.items()]
         call = ", ".join(args + kwargs)
         op = node.op
@@ -245,8 +252,10 @@ def _expr(value: Any, names: dict[str, Any]) -> str:
         return "(" + "".join(_expr(v, names) + ", " for v in value) + ")"
     if kind is list:
         return "[" + ", ".join(_expr(v, names) for v in value) + "]"
-    if kind is dict:
-        return "{" + ", ".join(f"{k!r}: {_expr(v, names)}" for k, v in value.items()) + "}"
+    if kind is dict:  # keys become names in the namespace too: no text from a graph is code
+        return (
+            "{" + ", ".join(f"{_name(names, k)}: {_expr(v, names)}" for k, v in value.items()) + "}"
+        )
     if kind is slice:
         parts = (value.start, value.stop, value.step)
         return "slice(" + ", ".join(_expr(v, names) for v in parts) + ")"
