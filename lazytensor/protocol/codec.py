@@ -141,12 +141,13 @@ def decode(frames: Sequence[Any], *, limits: Limits | None = None) -> Message:
             f"message has {len(views)} frames but its header describes {len(specs)} tensors, "
             f"expected {len(specs) + 2} frames (version, header, one per tensor)"
         )
-    pairs = enumerate(zip(specs, views[2:], strict=True))
-    tensors = [_tensor_from_frame(spec, view, index) for index, (spec, view) in pairs]
+    owned = [hasattr(frame, "buffer") for frame in frames[2:]]  # a received zmq.Frame
+    pairs = enumerate(zip(specs, views[2:], owned, strict=True))
+    tensors = [_tensor_from_frame(spec, view, i, own) for i, (spec, view, own) in pairs]
     return Message(kind, _Decoder(tensors, limits.max_depth).value(body, 0), PROTOCOL_VERSION)
 
 
-def _tensor_from_frame(spec: Any, view: memoryview, index: int) -> torch.Tensor:
+def _tensor_from_frame(spec: Any, view: memoryview, index: int, adopt: bool) -> torch.Tensor:
     what = f"tensor {index} (frame {index + 2})"
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "nbytes"}:
         raise _malformed(f"{what}'s header", spec, '{"dtype", "shape", "nbytes"}')
@@ -164,8 +165,8 @@ def _tensor_from_frame(spec: Any, view: memoryview, index: int) -> torch.Tensor:
             f"{what} claims {nbytes!r} bytes and its frame has {len(view)}, but shape {shape} "
             f"of {name} needs {expected}; the sender built a corrupt message"
         )
-    out = _adopt(view) if expected else None
-    if out is None:  # read-only or unaligned bytes: one copy into memory of its own
+    out = _adopt(view, dtype.itemsize) if expected and adopt else None
+    if out is None:  # the caller's bytes, or unaligned: one copy into memory of its own
         out = torch.empty(expected, dtype=torch.uint8)
         out.numpy()[:] = np.frombuffer(view, dtype=np.uint8)
     if dtype == torch.bool and expected and int(out.max()) > 1:
@@ -179,10 +180,11 @@ def _strides_overflow(shape: list[int]) -> bool:
     return math.prod(max(d, 1) for d in shape) >= 2**63
 
 
-def _adopt(view: memoryview) -> torch.Tensor | None:
-    """The frame's own memory as a tensor, when it is writable and aligned (a received
-    ``zmq.Frame``): no copy, and the tensor keeps the frame alive."""
-    if view.readonly or np.frombuffer(view, dtype=np.uint8).ctypes.data % 64:
+def _adopt(view: memoryview, itemsize: int) -> torch.Tensor | None:
+    """A received ``zmq.Frame``'s own memory as a tensor, when it is writable and aligned to
+    its elements (libzmq keeps message data 8-byte aligned): no copy, and the tensor keeps the
+    frame alive. Other buffers (the caller's bytes) are copied: a tensor never aliases them."""
+    if view.readonly or np.frombuffer(view, dtype=np.uint8).ctypes.data % min(itemsize, 8):
         return None
     return torch.frombuffer(view, dtype=torch.uint8)
 
