@@ -18,7 +18,8 @@ import zmq
 from lazytensor.backends.client import RemoteJob
 from lazytensor.frontend.served import Client
 from lazytensor.protocol import messages
-from servers import MODEL, Capture, ServerProcess
+from lazytensor_server.service import Service
+from servers import MODEL, Capture, ServerProcess, embedded
 from wire import wire
 
 KEY = "s3cret-key-for-alice"
@@ -233,3 +234,31 @@ def test_sigterm_shuts_down_cleanly(server, local_llama):
     log = server.log()
     assert "shutting down" in log, log
     assert "Traceback" not in log, log
+
+
+def test_a_large_request_is_decoded_off_the_event_loop(served_llama, local_llama) -> None:
+    """Requests over INLINE_BYTES are checked on a decoding thread; small ones on the loop."""
+    from lazytensor_server import app as app_module
+
+    threads: list[str] = []
+    service = Service([served_llama])
+    handle = service.handle
+
+    def spy(peer, frames, reply):
+        threads.append(threading.current_thread().name)
+        return handle(peer, frames, reply)
+
+    service.handle = spy
+    with embedded(service) as app:
+        client = Client(app.endpoint, timeout=60.0)
+        try:
+            big = torch.ones(app_module.INLINE_BYTES // 4 + 1)  # a constant over the limit
+            with local_llama.trace("Hello", remote=client):
+                out = (local_llama.model.norm.output.sum() + big).sum().save()
+            with local_llama.trace("Hello"):
+                want = (local_llama.model.norm.output.sum() + big).sum().save()
+        finally:
+            client.close()
+    torch.testing.assert_close(out, want)
+    assert any(name.startswith("lazytensor-decode") for name in threads)
+    assert any(not name.startswith("lazytensor-decode") for name in threads)

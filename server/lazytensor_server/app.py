@@ -1,9 +1,10 @@
 """App: the composition root. A ROUTER socket on an asyncio (uvloop) loop in front of a Service.
 
 The event loop only moves frames: it hands each request to :class:`~.service.Service` (which
-checks it and queues it for a model's worker thread) and sends whatever replies the service
-and the workers produce. It never waits on a GPU. SIGTERM/SIGINT stop intake, let running
-jobs finish (up to a grace period), fail queued ones with a message, then close.
+checks it and queues it for a model's worker thread; a large request on a decoding thread) and
+sends whatever replies the service and the workers produce. It never waits on a GPU.
+SIGTERM/SIGINT stop intake, let running jobs finish (up to a grace period), fail queued ones
+with a message, then close.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
@@ -22,6 +24,12 @@ import zmq.asyncio
 from .service import Service
 
 log = logging.getLogger("lazytensor.server")
+
+#: Requests up to this many bytes are checked and queued on the event loop's thread; larger
+#: ones on one of DECODERS threads, so that the loop keeps answering others meanwhile (the GIL
+#: is shared, but the loop gets its turn every switch interval instead of waiting for the end).
+INLINE_BYTES = 64 << 10
+DECODERS = 2
 
 
 class App:
@@ -100,12 +108,20 @@ class App:
         context.term()
 
     async def _receive(self, socket: Any, reply: Any) -> None:
-        while True:
-            identity, *frames = await socket.recv_multipart(copy=False)
-            try:
-                self.service.handle(identity.bytes, frames, reply)
-            except Exception:  # the service answers errors itself; this is a last guard
-                log.exception("unhandled error for a request")
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(DECODERS, thread_name_prefix="lazytensor-decode") as pool:
+            while True:
+                identity, *frames = await socket.recv_multipart(copy=False)
+                if sum(len(f.buffer) for f in frames) <= INLINE_BYTES:
+                    self._handle(identity.bytes, frames, reply)
+                else:  # decoding a large request must not hold up everyone else's
+                    loop.run_in_executor(pool, self._handle, identity.bytes, frames, reply)
+
+    def _handle(self, peer: bytes, frames: list, reply: Any) -> None:
+        try:
+            self.service.handle(peer, frames, reply)
+        except Exception:  # the service answers errors itself; this is a last guard
+            log.exception("unhandled error for a request")
 
     async def _send(self, socket: Any, outbox: asyncio.Queue) -> None:
         while True:
@@ -184,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         ("max_header_bytes", "--max-header-bytes"),
         ("max_nodes", "--max-nodes"),
         ("max_saved_bytes", "--max-saved-bytes"),
+        ("max_memory", "--max-memory"),
         ("max_seconds", "--max-seconds"),
         ("max_new_tokens", "--max-new-tokens"),
         ("max_batch", "--max-batch"),
+        ("max_batch_jobs", "--max-batch-jobs"),
     ):
         default = getattr(defaults, field)
         parser.add_argument(flag, dest=field, type=type(default), default=default)
