@@ -62,6 +62,8 @@ from servers import (  # noqa: E402, F401
     inproc_client,
     llama_service,
     local_llama,
+    served_handle,
     served_llama,
     socket_client,
+    where,
 )

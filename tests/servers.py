@@ -192,3 +192,20 @@ def socket_client(embedded_server: App) -> Iterator[Client]:
     client = Client(embedded_server.endpoint, timeout=60.0)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def served_handle(inproc_client: Client) -> lt.LanguageModel:
+    """A handle on the in-process server's model (``client.model(MODEL)``)."""
+    return inproc_client.model(MODEL)
+
+
+@pytest.fixture(params=["local", "inproc", "socket", "handle"])
+def where(request, local_llama, inproc_client, socket_client, served_handle):
+    """(model, remote=) for a local run and each way of running on a server."""
+    return {
+        "local": (local_llama, False),
+        "inproc": (local_llama, inproc_client),
+        "socket": (local_llama, socket_client),
+        "handle": (served_handle, False),
+    }[request.param]

@@ -17,29 +17,11 @@ import lazytensor as lt
 from handmade import capture, counting, forward, hooked
 from lazytensor.core.errors import OpNotAllowedError
 from lazytensor.core.graph import Graph, Ref
-from lazytensor.frontend.served import Client
 from lazytensor.protocol.messages import decode_graph, encode_graph
 from lazytensor_server.service import _check_node
-from servers import MODEL
 
 SENTENCES = ["Q: cheap\nA:", "Q: big\nA:", "Q: fast\nA:"]
 LAYERS = [f"model.layers.{i}" for i in range(4)]
-
-
-@pytest.fixture(scope="module")
-def handle(inproc_client: Client) -> lt.LanguageModel:
-    return inproc_client.model(MODEL)
-
-
-@pytest.fixture(params=["local", "inproc", "socket", "handle"])
-def where(request, local_llama, inproc_client, socket_client, handle):
-    """(model, remote=) for a local run and each way of running on a server."""
-    return {
-        "local": (local_llama, False),
-        "inproc": (local_llama, inproc_client),
-        "socket": (local_llama, socket_client),
-        "handle": (handle, False),
-    }[request.param]
 
 
 def reference(lm: lt.LanguageModel, paths, prompts=SENTENCES, inputs=False) -> dict:

@@ -14,28 +14,10 @@ import lazytensor as lt
 from handmade import counting, forward, hooked
 from lazytensor.core.errors import OpNotAllowedError
 from lazytensor.core.graph import Graph
-from lazytensor.frontend.served import Client
 from lazytensor_server.service import _check_node
-from servers import MODEL
 
 SENTENCES = ["Q: cheap\nA:", "Q: big\nA:", "Q: fast\nA:"]
 MLP = "model.layers.1.mlp"
-
-
-@pytest.fixture(scope="module")
-def handle(inproc_client: Client) -> lt.LanguageModel:
-    return inproc_client.model(MODEL)
-
-
-@pytest.fixture(params=["local", "inproc", "socket", "handle"])
-def where(request, local_llama, inproc_client, socket_client, handle):
-    """(model, remote=) for a local run and each way of running on a server."""
-    return {
-        "local": (local_llama, False),
-        "inproc": (local_llama, inproc_client),
-        "socket": (local_llama, socket_client),
-        "handle": (handle, False),
-    }[request.param]
 
 
 def module_of(model, remote, local_llama, served_llama) -> torch.nn.Module:
@@ -186,8 +168,8 @@ def test_later_edits_add_to_earlier_ones(local_llama):
     torch.testing.assert_close(logits, want)
 
 
-def test_edit_with_a_skip_on_a_remote_handle(handle, local_llama, served_llama):
-    with handle.edit() as (_, edited):
+def test_edit_with_a_skip_on_a_remote_handle(served_handle, local_llama, served_llama):
+    with served_handle.edit() as (_, edited):
         mlp = edited.model.layers[1].mlp
         mlp.skip(mlp.input * 2)
     with counting(served_llama.module) as calls:

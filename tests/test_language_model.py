@@ -9,9 +9,7 @@ only in module paths (``model.layers[i].mlp.down_proj`` vs ``transformer.h[i].ml
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lazytensor as lt
+from handmade import hooked
 
 SENTENCES = ["Q: cheap\nA:", "Q: big\nA:", "Q: fast\nA:"]
 PROMPTS = ["Hello world", "The capital of France is", "Q: big\nA:"]
@@ -41,19 +40,6 @@ def encode(tokenizer, rows: list[list[int]] | list[str]) -> dict[str, torch.Tens
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])  # (B, T)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, T)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-
-
-@contextlib.contextmanager
-def hooked(*hooks: tuple[torch.nn.Module, str, Callable]) -> Iterator[None]:
-    """Install ``(module, "pre" | "post", fn)`` hooks for the block, then remove them."""
-    with contextlib.ExitStack() as stack:
-        for module, kind, fn in hooks:
-            if kind == "pre":
-                handle = module.register_forward_pre_hook(fn)
-            else:
-                handle = module.register_forward_hook(fn)
-            stack.callback(handle.remove)
-        yield
 
 
 def run(lm: lt.LanguageModel, texts, *hooks) -> torch.Tensor:
