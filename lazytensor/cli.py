@@ -1,4 +1,4 @@
-"""The ``lazytensor`` command line: ``lazytensor demo`` and ``lazytensor serve``.
+"""The ``lazytensor`` command line: ``lazytensor demo``, ``lazytensor serve``, ``lazytensor keys``.
 
 Each subcommand is a small function taking the parsed arguments; :func:`main` is the console
 entry point declared in ``pyproject.toml`` and also what ``python -m lazytensor`` runs.
@@ -53,7 +53,35 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
+    keys = commands.add_parser(
+        "keys",
+        help="make keys for a server (see `lazytensor keys curve --help`)",
+        description="Make keys for a lazytensor server.",
+    )
+    kinds = keys.add_subparsers(dest="kind", required=True, metavar="KIND")
+    curve = kinds.add_parser(
+        "curve",
+        help="a CurveZMQ key pair: PATH.key (public) and PATH.key_secret (secret, mode 0600)",
+        description="Write a new CurveZMQ key pair as ZeroMQ certificates: PATH.key holds the "
+        "public key (give it out: a server's to its clients as server_key, a client's to the "
+        "server's --curve-clients folder), PATH.key_secret both keys (keep it: a server's for "
+        "--curve-secret, a client's for client_secret).",
+    )
+    curve.add_argument("path", metavar="PATH", help="where to write, without the extension")
+    curve.set_defaults(run=_curve_keys)
+
     return parser
+
+
+def _curve_keys(args: argparse.Namespace) -> None:
+    from .protocol import curve
+
+    try:
+        public, secret = curve.create(args.path)
+    except FileExistsError as exc:
+        raise SystemExit(f"lazytensor keys curve: {exc}") from None
+    print(f"public key {curve.public_key(public).decode()} written to {public}")
+    print(f"secret key written to {secret} (keep it private)")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -182,8 +182,8 @@ def test_eight_clients_in_parallel_each_get_their_own_results(server, local_llam
         thread.join(120)
     assert not failures, failures
     assert got.keys() == want.keys()
-    for key, logits in want.items():
-        assert torch.equal(got[key], logits), key
+    for key, logits in want.items():  # requests that shared a forward may round differently
+        torch.testing.assert_close(got[key], logits, rtol=1e-5, atol=1e-6, msg=str(key))
 
 
 def test_the_server_refuses_a_bad_frame_and_goes_on(client, local_llama):

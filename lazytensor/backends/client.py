@@ -28,6 +28,7 @@ import torch
 
 from ..core import tree
 from ..core.errors import RemoteTimeout, UnknownRequest
+from ..protocol import curve
 from ..protocol import messages as m
 from ..protocol.values import DTYPES, Record
 from .base import JobState, RunRequest
@@ -57,6 +58,16 @@ class Connection:
             one the address has no lazytensor server (a typo, a server that failed to start).
             Once the server has answered, a long job keeps waiting (up to ``timeout``).
             Default ``$LAZYTENSOR_CONNECT_TIMEOUT`` or 10.
+        server_key: the public key of a server started with ``--curve-secret`` (its Z85
+            string or its ``.key`` file); the connection is then encrypted with CurveZMQ.
+            Default ``$LAZYTENSOR_SERVER_KEY``.
+        client_secret: this client's secret key (Z85, or a ``.key_secret`` file from
+            ``lazytensor keys curve``), for a server that accepts only listed client keys
+            (``--curve-clients``); without one a new key pair is made for this connection.
+            Default ``$LAZYTENSOR_CLIENT_SECRET``.
+
+    Raises:
+        ValueError: a key is not a Z85 key or a certificate file holding one.
     """
 
     def __init__(
@@ -68,11 +79,18 @@ class Connection:
         timeout: float = 600.0,
         silence: float = 5.0,
         connect_timeout: float | None = None,
+        server_key: str | os.PathLike | None = None,
+        client_secret: str | os.PathLike | None = None,
     ) -> None:
         self.address = address or os.environ.get("LAZYTENSOR_SERVER") or DEFAULT_ADDRESS
         self.api_key = api_key if api_key is not None else os.environ.get("LAZYTENSOR_API_KEY")
         self.token = self.api_key or secrets.token_hex(16)  # what requests carry as their key
-        self.transport = transport if transport is not None else ZmqTransport(self.address)
+        self.curve = False  # whether the connection uses CurveZMQ
+        if transport is None:
+            keys = _curve_keys(server_key, client_secret)
+            self.curve = keys is not None
+            transport = ZmqTransport(self.address, keys)
+        self.transport = transport
         self.timeout, self.silence = timeout, silence
         if connect_timeout is None:
             connect_timeout = float(os.environ.get("LAZYTENSOR_CONNECT_TIMEOUT", "10"))
@@ -114,6 +132,25 @@ class Connection:
 
     def close(self) -> None:
         self.transport.close()
+
+    def no_answer(self) -> str:
+        """Why a server may have said nothing within ``connect_timeout``, and what to check."""
+        waited = f"no answer from {self.address} within {self.connect_timeout:g} s"
+        slow = "raise connect_timeout= (or $LAZYTENSOR_CONNECT_TIMEOUT) for a slow link"
+        if self.curve:
+            return (
+                f"{waited}: a CurveZMQ server refused this client's handshake or never "
+                "answered it. Check that server_key= ($LAZYTENSOR_SERVER_KEY) is the public key "
+                "of the server's --curve-secret, that this client's public key is in the "
+                "server's --curve-clients (pass client_secret= or $LAZYTENSOR_CLIENT_SECRET), "
+                f"and the address and port; {slow}"
+            )
+        return (
+            f"{waited}: is a lazytensor server running there? Check the address and port, "
+            "that the server started (it logs 'serving ... on ...'), the API key, and whether "
+            "the server needs a CurveZMQ key (started with --curve-secret: pass server_key= "
+            f"or set $LAZYTENSOR_SERVER_KEY); {slow}"
+        )
 
     def send(self, message: m.Message) -> None:
         with self._lock:
@@ -178,13 +215,7 @@ class RemoteJob:
         while not self._finished():
             now = time.monotonic()
             if not heard and now - started > self.client.connect_timeout:
-                raise RemoteTimeout(
-                    f"no answer from {self.client.address} within "
-                    f"{self.client.connect_timeout:g} s: is a lazytensor server running there? "
-                    "Check the address and port, that the server started (it logs 'serving ... "
-                    "on ...'), and the API key; raise connect_timeout= (or "
-                    "$LAZYTENSOR_CONNECT_TIMEOUT) for a slow link"
-                )
+                raise RemoteTimeout(self.client.no_answer())
             if now - started > limit:
                 raise RemoteTimeout(
                     f"no result for request {self.id} within {limit:.0f} s (its last state: "
@@ -265,6 +296,29 @@ class RemoteJob:
 
 def _new_id() -> str:
     return uuid.uuid4().hex
+
+
+def _curve_keys(
+    server_key: str | os.PathLike | None, client_secret: str | os.PathLike | None
+) -> tuple[bytes, bytes, bytes] | None:
+    """The server's public key and this client's key pair, or ``None`` for a plain socket."""
+    server_key = server_key if server_key is not None else os.environ.get("LAZYTENSOR_SERVER_KEY")
+    if client_secret is None:
+        client_secret = os.environ.get("LAZYTENSOR_CLIENT_SECRET")
+    if not server_key:
+        if client_secret:
+            raise ValueError(
+                "client_secret= (or $LAZYTENSOR_CLIENT_SECRET) needs the server's public key "
+                "too: pass server_key= or set $LAZYTENSOR_SERVER_KEY"
+            )
+        return None
+    if client_secret:
+        public, secret = curve.key_pair(client_secret)
+    else:  # a server without --curve-clients takes any key: make one for this connection
+        import zmq
+
+        public, secret = zmq.curve_keypair()
+    return curve.public_key(server_key), public, secret
 
 
 def _fake(value: Any, mode: Any) -> Any:

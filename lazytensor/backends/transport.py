@@ -8,8 +8,12 @@ client and server logic can be tested without sockets).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 from typing import Any, Protocol
+
+#: How long :meth:`ZmqTransport.send` waits for a connection to queue a request on.
+SEND_WAIT_MS = 1000
 
 
 class Transport(Protocol):
@@ -24,12 +28,18 @@ class Transport(Protocol):
 
 
 class ZmqTransport:
-    """A DEALER socket connected to ``address`` (e.g. ``tcp://127.0.0.1:5555``)."""
+    """A DEALER socket connected to ``address`` (e.g. ``tcp://127.0.0.1:5555``).
 
-    def __init__(self, address: str) -> None:
+    With ``curve`` (the server's public key, this client's public and secret keys, Z85 bytes)
+    the connection is encrypted with CurveZMQ and the server checks this client's key at the
+    handshake (:mod:`lazytensor.protocol.curve`).
+    """
+
+    def __init__(self, address: str, curve: tuple[bytes, bytes, bytes] | None = None) -> None:
         import zmq
 
         self.address = address
+        self.curve = curve
         self._zmq = zmq
         self._context = zmq.Context.instance()
         self._socket = self._connect()
@@ -37,11 +47,26 @@ class ZmqTransport:
     def _connect(self) -> Any:
         socket = self._context.socket(self._zmq.DEALER)
         socket.setsockopt(self._zmq.LINGER, 0)
+        if self.curve is not None:
+            server, public, secret = self.curve
+            socket.setsockopt(self._zmq.CURVE_SERVERKEY, server)
+            socket.setsockopt(self._zmq.CURVE_PUBLICKEY, public)
+            socket.setsockopt(self._zmq.CURVE_SECRETKEY, secret)
         socket.connect(self.address)
         return socket
 
     def send(self, frames: list) -> None:
-        self._socket.send_multipart(frames, copy=False)
+        """Queue ``frames``; drop them if the socket has no connection to queue them on.
+
+        A DEALER whose handshake a CurveZMQ server refused has no connection left, and a
+        blocking send would wait forever. The client notices a dropped request as silence:
+        it asks again on a fresh socket, and names the likely cause when nothing ever answers
+        (:meth:`~lazytensor.backends.client.Connection.no_answer`).
+        """
+        zmq = self._zmq
+        if self._socket.poll(SEND_WAIT_MS, zmq.POLLOUT):
+            with contextlib.suppress(zmq.Again):
+                self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
 
     def recv(self, timeout: float) -> list | None:
         if not self._socket.poll(int(timeout * 1000)):

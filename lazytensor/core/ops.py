@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import OpNotAllowedError
+from .errors import LimitExceeded, OpNotAllowedError
 
 _TORCH = """
 abs absolute acos acosh add addbmm addcdiv addcmul addmm addmv addr all allclose amax amin
@@ -285,3 +285,82 @@ def facts(op: str, target: str) -> OpFacts:
 def _in_place_methods() -> frozenset[str]:
     """Allowed tensor methods that write into the tensor: ATen's ``name_`` convention."""
     return frozenset(n for n in _methods() if n.endswith("_") and not n.endswith("__"))
+
+
+#: Bounds on Python values a graph builds with ``operator`` functions, checked before they are
+#: built: ``operator.pow(3, 2 * 10**7)`` holds the GIL for seconds, ``"a" * 2**29`` is 512 MiB.
+#: A graph's integers are shapes, indices and counts; 65,536 bits is far beyond any of them.
+MAX_INT_BITS = 2**16
+MAX_ITEMS = 2**20  # of a str, bytes, list or tuple built by ``*`` or ``+``
+#: ATen's CPU pooling and convolution kernels index windows with 32-bit integers: a kernel of
+#: ``2**40`` makes ``max_pool1d`` loop without end (and without the GIL, so no time limit fires).
+INT32_MAX = 2**31 - 1
+
+_SIZED_OPERATORS = frozenset(("operator.pow", "operator.lshift", "operator.mul", "operator.add"))
+_WINDOWED = frozenset(
+    f"torch.nn.functional.{name}"
+    for name in """max_pool1d avg_pool1d adaptive_avg_pool1d conv1d conv2d
+    local_response_norm""".split()
+)
+_SEQUENCES = (str, bytes, list, tuple)
+
+
+def check_call(name: str, args: tuple, kwargs: dict) -> None:
+    """Refuse a call whose result or work has no sane bound, before it runs.
+
+    Raises:
+        LimitExceeded: a Python integer over :data:`MAX_INT_BITS` bits, a sequence over
+            :data:`MAX_ITEMS` items, or a pooling/convolution size over :data:`INT32_MAX`.
+    """
+    if name in _SIZED_OPERATORS and len(args) == 2:
+        _check_python_result(name, *args)
+    elif name in _WINDOWED:
+        for value in _ints((args[1:], kwargs)):
+            if abs(value) > INT32_MAX:
+                raise LimitExceeded(
+                    f"{name} got the size {value:,}: pooling and convolution sizes must be at "
+                    f"most {INT32_MAX:,} (and at most the input's length to mean anything)"
+                )
+
+
+def _check_python_result(name: str, a: Any, b: Any) -> None:
+    if isinstance(a, int) and isinstance(b, int):
+        if name == "operator.pow":
+            bits = a.bit_length() * b if abs(a) > 1 and b > 0 else 0
+        elif name == "operator.lshift":
+            bits = a.bit_length() + b if a and b > 0 else 0
+        elif name == "operator.mul":
+            bits = a.bit_length() + b.bit_length()
+        else:
+            return  # a sum of bounded integers is bounded
+        if bits > MAX_INT_BITS:
+            raise LimitExceeded(
+                f"{name} would build a Python integer of about {bits:,} bits, over lazytensor's "
+                f"bound of {MAX_INT_BITS:,} (lazytensor.core.ops.MAX_INT_BITS); compute with "
+                "tensors, or after the trace"
+            )
+        return
+    if name == "operator.mul":
+        seq, count = (a, b) if isinstance(b, int) else (b, a)
+        if not (isinstance(seq, _SEQUENCES) and isinstance(count, int)):
+            return
+        items = len(seq) * count
+    elif name == "operator.add" and isinstance(a, _SEQUENCES) and isinstance(b, _SEQUENCES):
+        seq, items = a, len(a) + len(b)
+    else:
+        return
+    if items > MAX_ITEMS:
+        raise LimitExceeded(
+            f"{name} would build a {type(seq).__name__} of {items:,} items, over lazytensor's "
+            f"bound of {MAX_ITEMS:,} (lazytensor.core.ops.MAX_ITEMS); build large data as tensors"
+        )
+
+
+def _ints(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [i for v in value for i in _ints(v)]
+    if isinstance(value, dict):
+        return [i for v in value.values() for i in _ints(v)]
+    return []

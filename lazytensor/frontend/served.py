@@ -107,7 +107,13 @@ class Client(Connection):
 def connect(address: str | None = None, api_key: str | None = None, **kwargs: Any) -> Client:
     """Connect to a server (defaults from ``LAZYTENSOR_SERVER`` / ``LAZYTENSOR_API_KEY``).
 
-    Keyword arguments are :class:`~lazytensor.backends.client.Connection`'s.
+    Keyword arguments are :class:`~lazytensor.backends.client.Connection`'s; a server started
+    with ``--curve-secret`` needs ``server_key=`` (and, with ``--curve-clients``, this client's
+    ``client_secret=``), or ``LAZYTENSOR_SERVER_KEY`` / ``LAZYTENSOR_CLIENT_SECRET``.
+
+    Example:
+        >>> client = connect("tcp://gpu:5555", "s3cret", server_key="server.key",
+        ...                  client_secret="alice.key_secret")  # doctest: +SKIP
     """
     return Client(address, api_key, **kwargs)
 

@@ -16,6 +16,7 @@ import torch
 from ..core import ops, tree
 from ..core.errors import GraphError, OpNotAllowedError, TraceError
 from ..core.graph import Const, Node, Ref
+from . import bounds
 
 #: Arguments that are their own value.
 SCALARS = frozenset((int, float, bool, str, type(None)))
@@ -63,7 +64,11 @@ def evaluate(
 
 
 def call_function(node: Node, args: tuple, kwargs: dict) -> Any:
-    return ops.runnable_function(node.target)(*args, **kwargs)
+    ops.check_call(node.target, args, kwargs)  # bounds on Python values and window sizes
+    bounds.check(node.target, args, kwargs)  # a server's --max-memory, before allocating
+    value = ops.runnable_function(node.target)(*args, **kwargs)
+    bounds.check_result(node.target, value)
+    return value
 
 
 def call_method(node: Node, args: tuple, kwargs: dict) -> Any:
@@ -73,7 +78,10 @@ def call_method(node: Node, args: tuple, kwargs: dict) -> Any:
             f".{node.target}() was called on a {type(obj).__name__}; in a trace, methods "
             "can be called on tensors only"
         )
-    return getattr(obj, ops.runnable_method(node.target))(*rest, **kwargs)
+    bounds.check(node.target, args, kwargs)
+    value = getattr(obj, ops.runnable_method(node.target))(*rest, **kwargs)
+    bounds.check_result(node.target, value)
+    return value
 
 
 def read_attribute(node: Node, obj: Any) -> Any:

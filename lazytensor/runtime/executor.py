@@ -46,8 +46,8 @@ import torch
 from ..core.errors import GraphError, NodeFailure
 from ..core.graph import Batch, Graph, Node, Ref
 from ..core.ops import runnable_function
-from . import calls, fake, grads, hooks, outcome, rows
-from .evaluate import SCALARS, call_method, call_python, read_attribute, resolve
+from . import bounds, calls, fake, grads, hooks, outcome, rows
+from .evaluate import SCALARS, call_function, call_method, call_python, read_attribute, resolve
 from .moments import RESULT_KEY, TOKENS_KEY, Sides, describe, rows_layout
 from .plan import GRAD, Plan
 from .session import Workspace
@@ -76,7 +76,8 @@ class Executor:
         trusted: run ``python`` nodes (user code). Local runs trust their own user; a server
             only when started with ``--trusted-clients``.
         deadline: a ``time.monotonic()`` after which the run stops with ``TimeoutError``,
-            checked whenever a hooked module runs and at every generation step.
+            checked before every node, whenever a hooked module runs and at every
+            generation step.
         workspace: what the runs of a session share (:mod:`.session`); a fresh one by default.
     """
 
@@ -314,6 +315,8 @@ class Executor:
                 self._run_node(i)
 
     def _run_node(self, i: int) -> None:
+        if self.deadline is not None:  # between every two nodes: a chain of big ops stops too
+            self._check_time()
         node = self.graph.nodes[i]
         try:
             value = getattr(self, node.op)(node)
@@ -479,6 +482,8 @@ class Executor:
         if node.id in self.mutating:
             self._check_write(node)
         args, kwargs = self._args(node)
+        if bounds.MAX_BYTES.get() is not None:  # on a server: bounded before it runs
+            return call_function(node, args, kwargs)
         return runnable_function(node.target)(*args, **kwargs)  # call_function, inlined
 
     def method(self, node: Node) -> Any:

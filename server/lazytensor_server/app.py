@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from .curve import Curve
 from .service import Service
 
 log = logging.getLogger("lazytensor.server")
@@ -35,8 +36,11 @@ DECODERS = 2
 class App:
     """Serve ``service`` on ``address`` (``tcp://127.0.0.1:5555``)."""
 
-    def __init__(self, service: Service, address: str, *, grace: float = 30.0) -> None:
+    def __init__(
+        self, service: Service, address: str, *, grace: float = 30.0, curve: Curve | None = None
+    ) -> None:
         self.service, self.address, self.grace = service, address, grace
+        self.curve = curve  # CurveZMQ encryption and client keys checked at the handshake
         self.bound = threading.Event()
         self.thread: threading.Thread | None = None
         self.endpoint: str | None = None
@@ -70,6 +74,7 @@ class App:
         # ZeroMQ drops a peer whose message part is over the request limit as it arrives,
         # before buffering it whole (the service checks the whole message again).
         socket.setsockopt(zmq.MAXMSGSIZE, self.service.limits.max_request_bytes)
+        authenticator = self.curve.secure(context, socket) if self.curve is not None else None
         socket.bind(self.address)
         self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         outbox: asyncio.Queue[tuple[Any, list]] = asyncio.Queue()
@@ -105,6 +110,8 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         socket.close()
+        if authenticator is not None:
+            authenticator.stop()
         context.term()
 
     async def _receive(self, socket: Any, reply: Any) -> None:
@@ -175,7 +182,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: where it loads)")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16")
-    parser.add_argument("--api-keys", default=None, help="file of name:key lines")
+    parser.add_argument(
+        "--api-keys",
+        default=None,
+        help="file of 'name:key [weight=W] [max_inflight=N]' lines",
+    )
+    parser.add_argument(
+        "--curve-secret",
+        default=None,
+        metavar="PATH",
+        help="encrypt every connection with CurveZMQ: the server's secret certificate "
+        "(PATH.key_secret from `lazytensor keys curve PATH`); clients pass PATH.key as server_key",
+    )
+    parser.add_argument(
+        "--curve-clients",
+        default=None,
+        metavar="DIR_OR_FILE",
+        help="with --curve-secret: accept only these client public keys, checked at the "
+        "handshake (a folder of .key certificates, one certificate, or a file of Z85 keys)",
+    )
     parser.add_argument(
         "--metrics-port",
         type=int,
@@ -205,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         ("max_new_tokens", "--max-new-tokens"),
         ("max_batch", "--max-batch"),
         ("max_batch_jobs", "--max-batch-jobs"),
+        ("max_inflight", "--max-inflight"),
     ):
         default = getattr(defaults, field)
         parser.add_argument(flag, dest=field, type=type(default), default=default)
@@ -220,6 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     models = [load(s, n, device=args.device, dtype=args.dtype) for s, n in zip(sources, names)]
     keys = Keys.from_file(args.api_keys) if args.api_keys else Keys(None)
+    if args.curve_clients is not None and args.curve_secret is None:
+        parser.error("--curve-clients needs --curve-secret (the server's own key pair)")
+    curve = None
+    if args.curve_secret is not None:
+        try:
+            curve = Curve.from_files(args.curve_secret, args.curve_clients)
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
+        accepted = "any client" if curve.clients is None else f"{len(curve.clients)} client keys"
+        log.info("CurveZMQ on: server key %s, accepting %s", curve.public.decode(), accepted)
     if args.api_keys is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("serving beyond loopback needs --api-keys")
     limits = Limits(**{f: getattr(args, f) for f in Limits.__dataclass_fields__})
@@ -230,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = Metrics()
         metrics.serve(args.metrics_port, args.host)
     service = Service(models, keys, limits, trusted=args.trusted_clients, metrics=metrics)
-    App(service, f"tcp://{args.host}:{args.port}", grace=args.grace).run()
+    App(service, f"tcp://{args.host}:{args.port}", grace=args.grace, curve=curve).run()
     busy = [t.name for t in threading.enumerate() if t.name.startswith("worker-") and t.is_alive()]
     if busy:  # a job ran past --grace: exit now rather than tear torch down under it
         log.warning("server stopped with jobs still running past --grace: %s", ", ".join(busy))

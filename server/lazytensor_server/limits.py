@@ -18,6 +18,15 @@ class Limits:
     max_seconds: float = 300.0
     max_new_tokens: int = 512
     max_batch: int = 1024
+    #: Bytes of tensors a request's own ops may hold at once (beyond the model's forward),
+    #: estimated by a shape-only pass before it runs and checked per op while it runs.
+    max_memory: int = 8 * 2**30
+    #: Server-wide rather than per request: how many requests may share one forward pass
+    #: (their rows together held to ``max_batch``); 1 turns batching off.
+    max_batch_jobs: int = 32
+    #: Per owner rather than per request: how many of one owner's requests may be queued or
+    #: running at once (a key file's ``max_inflight=N`` overrides it for that key).
+    max_inflight: int = 32
 
 
 def check(what: str, value: float, limit: float, flag: str) -> None:

@@ -38,6 +38,10 @@ class Metrics:
             "lazytensor_batch_rows", "Batch rows per forward pass", ["model"], registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
         )  # fmt: skip
+        self.jobs = Histogram(
+            "lazytensor_forward_jobs", "Requests that shared each request's forward pass",
+            ["model"], registry=r, buckets=(1, 2, 4, 8, 16, 32, 64),
+        )  # fmt: skip
         self._queue = Gauge(
             "lazytensor_queue_depth", "Jobs waiting for a model", ["model"], registry=r
         )
@@ -51,7 +55,8 @@ class Metrics:
         self.wait.labels(job.model).observe(max(0.0, job.started - job.received))
         if job.started:
             self.run.labels(job.model).observe(max(0.0, time.monotonic() - job.started))
-            self.rows.labels(job.model).observe(job.batch.size)
+            self.rows.labels(job.model).observe(job.forward_rows or job.batch.size)
+            self.jobs.labels(job.model).observe(job.forward_jobs)
 
     def text(self) -> str:
         """The metrics in Prometheus' text format."""

@@ -5,12 +5,17 @@ first-out queue, and the worker takes one job from each owner in turn. A user wh
 hundred requests does not make the next user's single request wait behind all of them: it runs
 after at most one job of each other owner. A session (many traces sent as one request) is one
 job, one slot in its owner's queue.
+
+:meth:`FairQueue.get_group` takes the next job and, to run with it in one forward pass
+(:mod:`.batching`), the first waiting job of other owners, in their turn order, that fit with
+it: at most one job per owner, so one owner's burst never fills a group.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 
@@ -52,6 +57,36 @@ class FairQueue:
             else:
                 del self._queues[owner]
             return job
+
+    def get_group(self, limit: int, fits: Callable[[list, Any], bool]) -> list:
+        """The next job and up to ``limit - 1`` more, each the first waiting job of another
+        owner for which ``fits(group so far, job)``; ``[]`` once the queue is closed.
+
+        Owners whose job joins move to the back of the turns, as if each took its own turn;
+        the others keep their places.
+        """
+        first = self.get()
+        if first is None:
+            return []
+        group = [first]
+        with self._ready:
+            owners = {first.owner}
+            for owner in list(self._turns):
+                if len(group) >= limit:
+                    break
+                if owner in owners:
+                    continue
+                mine = self._queues[owner]
+                if not fits(group, mine[0]):
+                    continue
+                group.append(mine.popleft())
+                owners.add(owner)
+                self._turns.remove(owner)
+                if mine:
+                    self._turns.append(owner)
+                else:
+                    del self._queues[owner]
+        return group
 
     def qsize(self) -> int:
         with self._ready:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,13 @@ import msgpack
 import torch
 
 from lazytensor.core import ops, tree
-from lazytensor.core.errors import NodeFailure, OpNotAllowedError, ProtocolError, UnknownRequest
+from lazytensor.core.errors import (
+    LimitExceeded,
+    NodeFailure,
+    OpNotAllowedError,
+    ProtocolError,
+    UnknownRequest,
+)
 from lazytensor.core.graph import Batch, Graph, Node, Segment
 from lazytensor.protocol import codec
 from lazytensor.protocol import messages as m
@@ -91,6 +98,7 @@ class Service:
         self.ttl = ttl
         self.results = Results(keep, keep_bytes, ttl)
         self.running: dict[Slot, Job] = {}
+        self.inflight: Counter = Counter()  # owner -> its jobs in self.running
         self.peers: dict[Slot, tuple[Any, Reply]] = {}
         self.closing = False
         self._lock = threading.Lock()
@@ -161,6 +169,20 @@ class Service:
                 "lazytensor.connect or set LAZYTENSOR_API_KEY"
             )
 
+    def _check_inflight(self, owner: Any) -> None:
+        """At most ``--max-inflight`` (or the key's ``max_inflight``) jobs queued or running
+        per owner, so that one client cannot queue unbounded work (caller holds the lock)."""
+        limit, flag = self.limits.max_inflight, "--max-inflight"
+        if owner[0] == "key":
+            mine = self.keys.limits_of(owner[1]).max_inflight
+            if mine is not None:
+                limit, flag = mine, "the key file's max_inflight"
+        if self.inflight[owner] >= limit:
+            raise LimitExceeded(
+                f"this client has {self.inflight[owner]} requests queued or running, this "
+                f"server's limit ({flag}); wait for one to finish (or cancel one) and send again"
+            )
+
     def _owner(self, peer: Any, request: m.Request, key_name: str) -> Any:
         """Whose request this is: the key's name; on an open server the client's token."""
         if not self.keys.open:
@@ -186,7 +208,9 @@ class Service:
         job = self._job(request, owner, served, size)
         worker = self.workers[served.name]
         with self._lock:
+            self._check_inflight(owner)  # under the lock: two decoding threads cannot both pass
             self.running[slot] = job
+            self.inflight[owner] += 1
             self.peers[slot] = (peer, reply)
         reply(peer, m.encode(m.Status(request_id, "received")))
         with self._lock:  # "queued" goes out before the worker can say "running"
@@ -277,7 +301,10 @@ class Service:
             frames = m.encode(message)
         size = _size(frames)
         with self._lock:
-            self.running.pop(slot, None)
+            if self.running.pop(slot, None) is not None:
+                self.inflight[job.owner] -= 1
+                if not self.inflight[job.owner]:
+                    del self.inflight[job.owner]
             self.results.put(slot, frames, size)
             peer, reply = self.peers.pop(slot, (None, None))
         now = time.monotonic()

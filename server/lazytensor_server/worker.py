@@ -1,13 +1,17 @@
 """Worker: the one thread that owns a model's device and runs its jobs.
 
-A worker takes jobs off its :class:`~.scheduler.FairQueue` (round robin across owners) and runs
-them one at a time (cross-user batching into one forward pass is the next step, and will live
-in :meth:`Worker.run_batch`). A failure of one job (a user error, out of memory, a timeout)
-fails that job only: the worker reports it as data and takes the next.
+A worker takes groups of jobs off its :class:`~.scheduler.FairQueue` (round robin across
+owners, at most one job per owner in a group) and runs each group as one forward pass over
+its jobs' rows (:mod:`.batching`); a job that cannot share a forward runs alone. A failure of
+one job (a user error, out of memory, a timeout) fails that job only: when a merged forward
+fails, the job whose node failed runs alone and the others run again without it (once; after
+a second failure, or one no node owns, each job runs alone), so every job gets the outcome it
+gets alone. The worker reports outcomes as data and takes the next group.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 
 from lazytensor.core import tree
+from lazytensor.core.errors import NodeFailure
 from lazytensor.core.graph import Batch, Graph, Segment
 from lazytensor.protocol import messages as m
 from lazytensor.protocol.values import Record
@@ -25,6 +30,7 @@ from lazytensor.runtime import fake, session
 from lazytensor.runtime.device import device_of, to_device
 from lazytensor.runtime.executor import Executor
 
+from . import admission, batching
 from .limits import Limits, check
 from .registry import ServedModel
 from .scheduler import FairQueue
@@ -48,6 +54,13 @@ class Job:
     received: float = field(default_factory=time.monotonic)
     started: float = 0.0
     cancelled: bool = False
+    forward_rows: int = 0  # rows of the forward pass it ran in (with other jobs' rows)
+    forward_jobs: int = 1  # jobs that shared that forward pass
+
+    @functools.cached_property
+    def group_key(self) -> tuple | None:
+        """What another job must share to run in the same forward (``None``: runs alone)."""
+        return batching.group_key(self)
 
 
 class Worker:
@@ -91,30 +104,84 @@ class Worker:
 
     def _loop(self) -> None:
         while True:
-            job = self.queue.get()
-            if job is None:
+            group = self.queue.get_group(self.limits.max_batch_jobs, self._fits)
+            if not group:
                 return
-            batch = [job]  # cross-user batching into one forward pass will grow this
             self.busy = True
             try:
-                self.run_batch(batch)
+                self.run_batch(group)
             except Exception:  # a bug here must not stop the model from being served
                 log.exception("worker %s failed a batch", self.served.name)
             finally:
                 self.busy = False
 
+    def _fits(self, group: list[Job], job: Job) -> bool:
+        """Whether ``job`` may join ``group`` in one forward pass."""
+        key = group[0].group_key
+        if key is None or job.cancelled or job.group_key != key:
+            return False
+        rows = job.batch.size + sum(j.batch.size for j in group)
+        return rows <= self.limits.max_batch and not any(
+            batching.conflicts(j.graph, job.graph) for j in group
+        )
+
     def run_batch(self, jobs: list[Job]) -> None:
+        """Run ``jobs`` (compatible, see :meth:`_fits`) in one forward pass, or one alone."""
+        jobs = [job for job in jobs if not job.cancelled]
         for job in jobs:
-            if job.cancelled:
-                continue
             job.started = time.monotonic()
             self.done(job, m.Status(job.id, "running"))
-            try:
-                message: m.Message = m.Result(job.id, self._run(job))
-            except Exception as exc:  # one job's failure is that job's only
-                message = m.Failure.of(job.id, exc)
+        jobs = admission.admitted(self, jobs)  # shape-only pass: refuse what is over a limit
+        messages = self._together(jobs) if len(jobs) > 1 else [self._alone(job) for job in jobs]
+        for job, message in zip(jobs, messages):
             self.served_count += 1
             self.done(job, message)
+
+    def _alone(self, job: Job) -> m.Message:
+        job.forward_rows, job.forward_jobs = job.batch.size, 1
+        try:
+            return m.Result(job.id, self._run(job))
+        except Exception as exc:  # one job's failure is that job's only
+            return m.Failure.of(job.id, exc)
+
+    def _together(self, jobs: list[Job], retry: bool = True) -> list[m.Message]:
+        merged = batching.merge(jobs)
+        for job in jobs:
+            job.forward_rows, job.forward_jobs = merged.batch.size, len(jobs)
+        module = self.served.module
+        executor = batching.MergedExecutor(
+            module,
+            merged.graph,
+            to_device(merged.batch, device_of(module)),
+            trusted=self.trusted,
+            deadline=time.monotonic() + self.limits.max_seconds,
+        )
+        try:
+            values = batching.split(merged, jobs, executor.run())
+        except NodeFailure as failure:
+            if not retry:
+                return [self._alone(job) for job in jobs]
+            owner = merged.owner(failure.node)
+            others = jobs[:owner] + jobs[owner + 1 :]
+            log.info("request %s runs alone: %s", jobs[owner].id[:12], failure)
+            messages = (
+                self._together(others, False) if len(others) > 1 else [self._alone(others[0])]
+            )
+            messages.insert(owner, self._alone(jobs[owner]))
+            return messages
+        except Exception as exc:  # a limit, memory: each job on its own
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            log.info("a forward of %d requests failed (%s); each runs alone", len(jobs), exc)
+            return [self._alone(job) for job in jobs]
+        log.info("ran %d requests in one forward (%d rows)", len(jobs), merged.batch.size)
+        messages: list[m.Message] = []
+        for job, saved in zip(jobs, values):
+            try:
+                messages.append(m.Result(job.id, self._finish(job, saved)))
+            except Exception as exc:
+                messages.append(m.Failure.of(job.id, exc))
+        return messages
 
     def _run(self, job: Job) -> dict:
         module = self.served.module
@@ -156,6 +223,10 @@ class Worker:
                 f"the server ran out of memory for this request: {exc}; "
                 "use a smaller batch or save less"
             ) from None
+        return self._finish(job, values)
+
+    def _finish(self, job: Job, values: dict) -> dict:
+        """A job's saved values as the wire carries them, held to the saved-bytes limit."""
         if job.fake:
             return {i: _pack(v, _meta_leaf) for i, v in values.items()}
         values = {i: portable(v) for i, v in values.items()}
@@ -196,8 +267,4 @@ def _meta_leaf(leaf: Any) -> Any:
 
 
 def _nbytes(value: Any) -> int:
-    return sum(
-        leaf.numel() * leaf.element_size()
-        for leaf in tree.leaves(value)
-        if isinstance(leaf, torch.Tensor)
-    )
+    return admission.nbytes(value)  # strings and integers count too
