@@ -641,6 +641,40 @@ def test_owners_take_turns():
     assert order == [("greedy", 0), ("polite", 0)] + [("greedy", i) for i in range(1, 5)]
 
 
+def test_a_keys_weight_is_its_share_of_turns():
+    from lazytensor_server.scheduler import FairQueue
+
+    class J:
+        def __init__(self, owner, n, weight):
+            self.owner, self.n, self.weight = owner, n, weight
+
+    q = FairQueue()
+    for i in range(12):
+        q.put(J("double", i, 2.0))
+        q.put(J("single", i, 1.0))
+        q.put(J("half", i, 0.5))
+    q.close()
+    order = [job.owner for job in iter(q.get, None)][:14]
+    # per round of turns: two of double's, one of single's, one of half's every other round
+    assert order[:7] == ["double", "double", "single", "double", "double", "single", "half"]
+    assert [order.count(o) for o in ("double", "single", "half")] == [8, 4, 2]
+
+
+def test_the_key_file_weight_reaches_the_job(tmp_path, served_llama, local_llama):
+    from lazytensor.protocol.messages import decode_request
+    from lazytensor_server.auth import Keys
+
+    path = tmp_path / "keys"
+    path.write_text("alice:a-key weight=3\nbob:b-key\n")
+    service = Service([served_llama], Keys.from_file(path))
+    try:
+        run = decode_request(frames_of(request(local_llama, "a-key")))
+        assert service._job(run, ("key", "alice"), served_llama, 0).weight == 3.0
+        assert service._job(run, ("key", "bob"), served_llama, 0).weight == 1.0
+    finally:
+        service.shutdown(grace=5.0)
+
+
 def test_metrics_count_requests_refusals_and_time(make_service, local_llama, still_serves):
     from lazytensor_server.metrics import Metrics
 

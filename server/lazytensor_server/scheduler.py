@@ -1,10 +1,11 @@
 """Scheduler: a model's waiting jobs, served round robin across their owners.
 
 Each owner (an API key's name, or an open server's client token) has its own first-in,
-first-out queue, and the worker takes one job from each owner in turn. A user who sends a
-hundred requests does not make the next user's single request wait behind all of them: it runs
-after at most one job of each other owner. A session (many traces sent as one request) is one
-job, one slot in its owner's queue.
+first-out queue, and the worker takes one job from each owner in turn (or, with a key's
+``weight=`` in the key file, that many jobs per turn on average: deficit round robin). A user
+who sends a hundred requests does not make the next user's single request wait behind all of
+them: it runs after at most one job of each other owner (of weight 1). A session (many traces
+sent as one request) is one job, one slot in its owner's queue.
 
 :meth:`FairQueue.get_group` takes the next job and, to run with it in one forward pass
 (:mod:`.batching`), the first waiting job of other owners, in their turn order, that fit with
@@ -25,6 +26,7 @@ class FairQueue:
     def __init__(self) -> None:
         self._queues: dict[Any, deque] = {}
         self._turns: deque = deque()  # owners with waiting jobs, next first
+        self._credit: dict[Any, float] = {}  # jobs an owner may still take (its key's weight)
         self._ready = threading.Condition()
         self._closed = False
 
@@ -49,14 +51,28 @@ class FairQueue:
                 self._ready.wait()
             if not self._turns:
                 return None
-            owner = self._turns.popleft()
-            mine = self._queues[owner]
-            job = mine.popleft()
-            if mine:
-                self._turns.append(owner)  # its next job waits for everyone else's turn
-            else:
-                del self._queues[owner]
-            return job
+            while True:  # ends: every turn adds a positive weight to its owner's credit
+                owner = self._turns.popleft()
+                mine = self._queues[owner]
+                credit = self._credit.get(owner, 0.0)
+                if credit < 1:
+                    credit += max(float(getattr(mine[0], "weight", 1.0)), 1e-3)
+                if credit < 1:  # a weight under 1: this owner runs on a later turn
+                    self._credit[owner] = credit
+                    self._turns.append(owner)
+                    continue
+                job = mine.popleft()
+                credit -= 1
+                if not mine:
+                    del self._queues[owner]
+                    self._credit.pop(owner, None)
+                elif credit >= 1:  # a weight over 1: another job in the same turn
+                    self._credit[owner] = credit
+                    self._turns.appendleft(owner)
+                else:  # its next job waits for everyone else's turn
+                    self._credit[owner] = credit
+                    self._turns.append(owner)
+                return job
 
     def get_group(self, limit: int, fits: Callable[[list, Any], bool]) -> list:
         """The next job and up to ``limit - 1`` more, each the first waiting job of another
@@ -98,6 +114,7 @@ class FairQueue:
             jobs = [job for q in self._queues.values() for job in q]
             self._queues.clear()
             self._turns.clear()
+            self._credit.clear()
             return jobs
 
     def close(self) -> None:

@@ -179,8 +179,8 @@ class Service:
                 limit, flag = mine, "the key file's max_inflight"
         if self.inflight[owner] >= limit:
             raise LimitExceeded(
-                f"this client has {self.inflight[owner]} requests queued or running, this "
-                f"server's limit ({flag}); wait for one to finish (or cancel one) and send again"
+                f"this client has {limit} request(s) queued or running, this server's limit "
+                f"({flag}); wait for one to finish (or cancel one) and send again"
             )
 
     def _owner(self, peer: Any, request: m.Request, key_name: str) -> Any:
@@ -283,6 +283,7 @@ class Service:
         batch = _batch(request.batch, limits, positional=positional) if not segments else Batch()
         job = Job(request.id, owner, served.name, graph, batch, request.stop_at, request.fake, size)
         job.segments = segments
+        job.weight = self.keys.weight_of(owner[1]) if owner[0] == "key" else 1.0
         return job
 
     # -- outcomes -------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ class Job:
     cancelled: bool = False
     forward_rows: int = 0  # rows of the forward pass it ran in (with other jobs' rows)
     forward_jobs: int = 1  # jobs that shared that forward pass
+    weight: float = 1.0  # its owner's share of turns (the key file's weight=)
 
     @functools.cached_property
     def group_key(self) -> tuple | None:
