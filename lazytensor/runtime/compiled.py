@@ -197,7 +197,7 @@ def _code(name: str, ids: list[int], graph: Graph, layout: Layout) -> Callable:
                              "FIRST": _first, "SET_FIRST": _set_first}  # fmt: skip
     lines = [f"def {name}(state, current):", "    v, c = state.values, state.consts"]
     lines.append("    replaced = False")
-    for i in ids:
+    for i in map(int, ids):
         node = graph.nodes[i]
         if node.op not in _OPS or node.call not in (0,):
             raise Unsupported(f"node {i} ({node.op} {node.target}) cannot be compiled")
@@ -245,9 +245,9 @@ def _expr(value: Any, names: dict[str, Any]) -> str:
     """Python source for a graph argument: node values from ``v``, constants from ``c``."""
     kind = type(value)
     if kind is Ref:
-        return f"v[{value.id}]"
+        return f"v[{int(value.id)}]"  # integers only ever reach the source text
     if kind is Const:
-        return f"c[{value.index}]"
+        return f"c[{int(value.index)}]"
     if kind is tuple:
         return "(" + "".join(_expr(v, names) + ", " for v in value) + ")"
     if kind is list:
