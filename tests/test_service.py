@@ -689,3 +689,34 @@ def test_metrics_count_requests_refusals_and_time(make_service, local_llama, sti
     assert 'lazytensor_queue_depth{model="llama"} 0.0' in text
     assert 'lazytensor_run_seconds_count{model="llama"} 1.0' in text
     assert 'lazytensor_batch_rows_count{model="llama"} 1.0' in text
+
+
+def test_queue_positions_are_streamed():
+    """Whenever a forward starts, each waiting job whose place moved is told its new one."""
+    from types import SimpleNamespace
+
+    from lazytensor_server.scheduler import FairQueue
+    from lazytensor_server.worker import Worker
+
+    class J:
+        def __init__(self, owner, n):
+            self.owner, self.id, self.position = owner, f"{owner}-{n}", None
+
+    told: list = []
+    worker = SimpleNamespace(queue=FairQueue(), done=lambda job, msg: told.append(msg))
+    for i in range(2):
+        for owner in ("a", "b", "c"):
+            worker.queue.put(J(owner, i))
+    Worker._tell_positions(worker)  # a forward starts: six jobs wait behind it
+    assert [(m.id, m.state, m.position) for m in told] == [
+        ("a-0", "queued", 1), ("b-0", "queued", 2), ("c-0", "queued", 3),
+        ("a-1", "queued", 4), ("b-1", "queued", 5), ("c-1", "queued", 6),
+    ]  # fmt: skip
+    told.clear()
+    worker.queue.get()  # a-0 starts
+    Worker._tell_positions(worker)
+    assert [(m.id, m.position) for m in told] == [("b-0", 1), ("c-0", 2), ("a-1", 3),
+                                                   ("b-1", 4), ("c-1", 5)]  # fmt: skip
+    told.clear()
+    Worker._tell_positions(worker)  # nothing moved: nothing is said
+    assert told == []

@@ -104,6 +104,18 @@ class FairQueue:
                     del self._queues[owner]
         return group
 
+    def ahead(self, limit: int) -> list[tuple[Any, int]]:
+        """The first ``limit`` waiting jobs in the order turns would take them (one per owner
+        per round; weights not counted), each with how many waiting jobs go before it."""
+        with self._ready:
+            queues = [list(self._queues[owner]) for owner in self._turns]
+        order: list[Any] = []
+        depth = 0
+        while len(order) < limit and any(len(q) > depth for q in queues):
+            order.extend(q[depth] for q in queues if len(q) > depth)
+            depth += 1
+        return [(job, index) for index, job in enumerate(order[:limit])]
+
     def qsize(self) -> int:
         with self._ready:
             return sum(len(q) for q in self._queues.values())

@@ -214,7 +214,7 @@ class Service:
             self.peers[slot] = (peer, reply)
         reply(peer, m.encode(m.Status(request_id, "received")))
         with self._lock:  # "queued" goes out before the worker can say "running"
-            position = worker.submit(job)
+            position = job.position = worker.submit(job)
             reply(peer, m.encode(m.Status(request_id, "queued", position)))
 
     def _fetch(self, peer: Any, reply: Reply, request: m.Fetch, owner: Any, size: int) -> None:

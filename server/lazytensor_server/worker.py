@@ -37,6 +37,9 @@ from .scheduler import FairQueue
 
 log = logging.getLogger("lazytensor.server")
 
+#: How many waiting jobs are told their new queue position whenever a forward pass starts.
+POSITIONS = 32
+
 
 @dataclass
 class Job:
@@ -57,6 +60,7 @@ class Job:
     forward_rows: int = 0  # rows of the forward pass it ran in (with other jobs' rows)
     forward_jobs: int = 1  # jobs that shared that forward pass
     weight: float = 1.0  # its owner's share of turns (the key file's weight=)
+    position: int | None = None  # the queue position its owner was last told
 
     @functools.cached_property
     def group_key(self) -> tuple | None:
@@ -109,12 +113,21 @@ class Worker:
             if not group:
                 return
             self.busy = True
+            self._tell_positions()
             try:
                 self.run_batch(group)
             except Exception:  # a bug here must not stop the model from being served
                 log.exception("worker %s failed a batch", self.served.name)
             finally:
                 self.busy = False
+
+    def _tell_positions(self) -> None:
+        """Stream queue positions: each of the first POSITIONS waiting jobs whose place moved
+        is told its new one (jobs ahead of it, the running forward included)."""
+        for job, index in self.queue.ahead(POSITIONS):
+            if job.position != index + 1:
+                job.position = index + 1
+                self.done(job, m.Status(job.id, "queued", job.position))
 
     def _fits(self, group: list[Job], job: Job) -> bool:
         """Whether ``job`` may join ``group`` in one forward pass."""
