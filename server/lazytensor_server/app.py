@@ -10,6 +10,7 @@ with a message, then close.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -80,8 +81,18 @@ class App:
         outbox: asyncio.Queue[tuple[Any, list]] = asyncio.Queue()
         loop = self._loop
 
+        waiting: collections.deque = collections.deque()
+        woken = threading.Lock()  # held from one wake-up of the loop until it has run
+
         def reply(peer: Any, frames: list) -> None:  # from any thread
-            loop.call_soon_threadsafe(outbox.put_nowait, (peer, frames))
+            waiting.append((peer, frames))
+            if woken.acquire(blocking=False):  # one wake-up carries a whole burst of replies
+                loop.call_soon_threadsafe(move)
+
+        def move() -> None:
+            woken.release()
+            while waiting:
+                outbox.put_nowait(waiting.popleft())
 
         if signals:
             for sig in (signal.SIGTERM, signal.SIGINT):

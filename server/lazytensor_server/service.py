@@ -215,7 +215,8 @@ class Service:
         reply(peer, m.encode(m.Status(request_id, "received")))
         with self._lock:  # "queued" goes out before the worker can say "running"
             position = job.position = worker.submit(job)
-            reply(peer, m.encode(m.Status(request_id, "queued", position)))
+            if position:  # a job that runs next is not told it waits
+                reply(peer, m.encode(m.Status(request_id, "queued", position)))
 
     def _fetch(self, peer: Any, reply: Reply, request: m.Fetch, owner: Any, size: int) -> None:
         slot = (owner, request.id)
