@@ -262,3 +262,12 @@ def test_each_invoke_reads_the_gradient_of_its_rows(llama: lt.LanguageModel) -> 
     torch.testing.assert_close(g_second, kept["arrived"][1:])
     torch.testing.assert_close(g_early, kept[0].grad[1:])
     assert kept[0].grad[:1].abs().sum() == 0  # row 0 got nothing past the rewritten layer 2
+
+
+def test_a_served_weight_outside_a_trace_says_where_it_lives(served_handle) -> None:
+    with pytest.raises(AttributeError, match="lives on the server: read it inside a trace"):
+        served_handle.lm_head.weight  # noqa: B018
+    with served_handle.trace(PROMPT):
+        shape = served_handle.lm_head.weight.shape
+        weight = served_handle.lm_head.weight.save()
+    assert weight.shape == shape

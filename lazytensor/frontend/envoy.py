@@ -108,6 +108,12 @@ class Envoy:
             trace = current()
             if trace is not None and getattr(trace.root, "_tree", None) is self._tree:
                 return trace.weight(f"{self._path}.{name}" if self._path else name)
+            if "_weights" in self._module.__dict__:  # a served model's module: weights are there
+                raise AttributeError(
+                    f"{self._describe()}'s {name!r} lives on the server: read it inside a trace "
+                    f"(`{self._path + '.' if self._path else ''}{name}` there is a read-only "
+                    "value of the graph) and save what you need"
+                )
         try:
             return getattr(self._module, name)
         except AttributeError:
