@@ -123,6 +123,7 @@ class Executor:
         self.left = n  # nodes not run yet: at 0, with none repeating, the forward can end
         self.skipped: dict[str, Any] = {}  # module path -> the output its skipped call returns
         self.workspace = workspace if workspace is not None else Workspace()
+        self.bounded = bounds.MAX_BYTES.get() is not None  # a server's --max-memory is on
         self.grad_targets = grads.wanted(self) if plan.backwards else frozenset()
         self.grad_sources = grads.sources(self) if self.grad_targets else frozenset()
         self.special = frozenset((*self.key_of, *self.repeating, *self.grad_targets))
@@ -482,7 +483,7 @@ class Executor:
         if node.id in self.mutating:
             self._check_write(node)
         args, kwargs = self._args(node)
-        if bounds.MAX_BYTES.get() is not None:  # on a server: bounded before it runs
+        if self.bounded:  # on a server: bounded before it runs
             return call_function(node, args, kwargs)
         return runnable_function(node.target)(*args, **kwargs)  # call_function, inlined
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ..core import tree
 from ..core.errors import GraphError, NodeFailure
 from ..core.graph import Graph, Node, Segment
+from . import grads
 
 #: The optimizers a graph may build, and the options each takes (all numbers or flags).
 OPTIMIZERS: dict[str, frozenset[str]] = {
@@ -122,10 +122,6 @@ def run(
             raise
         for i in needed[index]:
             workspace.kept[(index, i)] = values[i]
-        results.append({i: _detached(values[i]) for i in segment.graph.saved})
+        # data, not a training graph: a trainable tensor saved by session code is one too
+        results.append(grads.detached({i: values[i] for i in segment.graph.saved}))
     return results
-
-
-def _detached(value: Any) -> Any:
-    """A saved value as the user reads it after the session: data, not a training graph."""
-    return tree.map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)

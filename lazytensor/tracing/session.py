@@ -124,7 +124,7 @@ class Session:
             self.carried[key] = node.id
         return Ref(self.carried[key])
 
-    def check_open(self, what: str) -> None:
+    def refuse_value(self, what: str) -> None:
         raise TraceError(
             f"{what} at {here()}: values of a session exist once its block ends (it runs as "
             "one job then); save them and read them after the session"

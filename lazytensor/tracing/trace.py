@@ -420,7 +420,7 @@ class Trace:
         if self.state is State.FAILED:
             raise TraceError("the trace failed, so it has no values")
         if self.session is not None and self.session.open:
-            self.session.check_open("reading a value")
+            self.session.refuse_value("reading a value")
         if self.state is State.SUBMITTED:
             self._wait()
             return self.value_of(proxy)
@@ -439,7 +439,7 @@ class Trace:
             scans.refuse_values(self)
         site = _site()
         if self.session is not None:
-            self.session.check_open("reading a real value")
+            self.session.refuse_value("reading a real value")
         if self.strict:
             raise StrictModeError(
                 f"materialization at {site}: reading a real value inside a strict trace "
