@@ -22,7 +22,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from . import child
 from .curve import Curve
+from .peers import Peers
 from .service import Service
 
 log = logging.getLogger("lazytensor.server")
@@ -76,6 +78,8 @@ class App:
         # before buffering it whole (the service checks the whole message again).
         socket.setsockopt(zmq.MAXMSGSIZE, self.service.limits.max_request_bytes)
         authenticator = self.curve.secure(context, socket) if self.curve is not None else None
+        peers = Peers(self.service.limits.max_connections_per_address)
+        peers.start(socket)  # before bind: every connection is counted per address
         socket.bind(self.address)
         self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         outbox: asyncio.Queue[tuple[Any, list]] = asyncio.Queue()
@@ -120,6 +124,7 @@ class App:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await peers.stop()
         socket.close()
         if authenticator is not None:
             authenticator.stop()
@@ -225,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         help="run user-defined Python functions that clients send (their code runs here!)",
     )
     parser.add_argument(
+        "--workers",
+        choices=("process", "thread"),
+        default="process",
+        help="where each model's jobs run: 'process' (default), a worker process that is "
+        "killed and restarted when a job overruns --max-seconds inside one op; 'thread', a "
+        "thread of the server (no such stop: for trusted single users)",
+    )
+    parser.add_argument(
         "--grace",
         type=float,
         default=30.0,
@@ -242,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         ("max_batch", "--max-batch"),
         ("max_batch_jobs", "--max-batch-jobs"),
         ("max_inflight", "--max-inflight"),
+        ("max_connections_per_address", "--max-connections-per-address"),
     ):
         default = getattr(defaults, field)
         parser.add_argument(flag, dest=field, type=type(default), default=default)
@@ -254,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.name) > len(sources):
         parser.error("more --name than models")
     names = [*args.name, *[None] * (len(sources) - len(args.name))]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=child.LOG_FORMAT)
+    if args.workers == "process":
+        child.prepare()  # the worker processes' imports, while the models load
     models = [load(s, n, device=args.device, dtype=args.dtype) for s, n in zip(sources, names)]
     keys = Keys.from_file(args.api_keys) if args.api_keys else Keys(None)
     if args.curve_clients is not None and args.curve_secret is None:
@@ -276,7 +292,14 @@ def main(argv: list[str] | None = None) -> int:
 
         metrics = Metrics()
         metrics.serve(args.metrics_port, args.host)
-    service = Service(models, keys, limits, trusted=args.trusted_clients, metrics=metrics)
+    service = Service(
+        models,
+        keys,
+        limits,
+        trusted=args.trusted_clients,
+        metrics=metrics,
+        isolate=args.workers == "process",
+    )
     App(service, f"tcp://{args.host}:{args.port}", grace=args.grace, curve=curve).run()
     busy = [t.name for t in threading.enumerate() if t.name.startswith("worker-") and t.is_alive()]
     if busy:  # a job ran past --grace: exit now rather than tear torch down under it

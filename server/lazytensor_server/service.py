@@ -25,9 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
-import torch
 
-from lazytensor.core import ops, tree
+from lazytensor.core import ops
 from lazytensor.core.errors import (
     LimitExceeded,
     NodeFailure,
@@ -35,12 +34,13 @@ from lazytensor.core.errors import (
     ProtocolError,
     UnknownRequest,
 )
-from lazytensor.core.graph import Batch, Graph, Node, Segment
+from lazytensor.core.graph import Graph, Node
 from lazytensor.protocol import codec
 from lazytensor.protocol import messages as m
 
-from . import sessions
+from . import inputs, sessions
 from .auth import Keys
+from .child import Encoded
 from .limits import Limits, check
 from .metrics import Metrics
 from .registry import ServedModel
@@ -50,14 +50,6 @@ from .worker import Job, Worker
 log = logging.getLogger("lazytensor.server")
 
 Reply = Callable[[Any, list], None]
-
-#: Keyword inputs a client may pass to a model's forward or ``generate``.
-INPUT_KWARGS = frozenset(
-    """input_ids attention_mask position_ids token_type_ids use_cache
-    max_new_tokens min_new_tokens do_sample temperature top_k top_p num_beams
-    repetition_penalty no_repeat_ngram_size length_penalty pad_token_id eos_token_id
-    bos_token_id num_return_sequences typical_p logits_to_keep inputs_embeds""".split()
-)
 
 
 class Service:
@@ -72,6 +64,10 @@ class Service:
         ttl: seconds a finished result is kept.
         trusted: run user-defined Python functions sent by clients (code from the network:
             only for clients you trust as you trust yourself).
+        metrics: where to count requests, latency and refusals (Prometheus).
+        isolate: run each model's jobs in a worker process that is killed and restarted when
+            a job overruns ``--max-seconds`` inside an op (:mod:`.child`); else on the
+            worker's thread.
     """
 
     def __init__(
@@ -85,6 +81,7 @@ class Service:
         ttl: float = 600.0,
         trusted: bool = False,
         metrics: Metrics | None = None,
+        isolate: bool = False,
     ) -> None:
         self.trusted = trusted
         self.limits = limits or Limits()
@@ -94,7 +91,10 @@ class Service:
             max_total_bytes=self.limits.max_request_bytes,
             max_header_bytes=self.limits.max_header_bytes,
         )
-        self.workers = {m.name: Worker(m, self.limits, self._done, trusted=trusted) for m in models}
+        self.workers = {
+            m.name: Worker(m, self.limits, self._done, trusted=trusted, isolate=isolate)
+            for m in models
+        }
         self.ttl = ttl
         self.results = Results(keep, keep_bytes, ttl)
         self.running: dict[Slot, Job] = {}
@@ -129,9 +129,9 @@ class Service:
             elif isinstance(request, m.Describe):
                 self._describe(peer, reply, request)
             elif isinstance(request, m.Run):
-                self._run(peer, reply, request, owner, size)
+                self._run(peer, reply, request, owner, frames)
             elif isinstance(request, m.Fetch):
-                self._fetch(peer, reply, request, owner, size)
+                self._fetch(peer, reply, request, owner, frames)
             elif isinstance(request, m.Ack):
                 with self._lock:
                     self.results.pop((owner, request.id))
@@ -189,7 +189,7 @@ class Service:
             return ("key", key_name)
         return ("token", request.key) if request.key else ("peer", peer)
 
-    def _run(self, peer: Any, reply: Reply, request: m.Run, owner: Any, size: int) -> None:
+    def _run(self, peer: Any, reply: Reply, request: m.Run, owner: Any, frames: list) -> None:
         request_id = request.id
         if request_id is None:
             raise ProtocolError("a run request needs a string 'id'")
@@ -205,7 +205,8 @@ class Service:
                 "retry against another server or later"
             )
         served = self._model(request.model)
-        job = self._job(request, owner, served, size)
+        job = self._job(request, owner, served, _size(frames))
+        job.frames = frames  # what a worker process decodes again
         worker = self.workers[served.name]
         with self._lock:
             self._check_inflight(owner)  # under the lock: two decoding threads cannot both pass
@@ -218,14 +219,14 @@ class Service:
             if position:  # a job that runs next is not told it waits
                 reply(peer, m.encode(m.Status(request_id, "queued", position)))
 
-    def _fetch(self, peer: Any, reply: Reply, request: m.Fetch, owner: Any, size: int) -> None:
+    def _fetch(self, peer: Any, reply: Reply, request: m.Fetch, owner: Any, frames: list) -> None:
         slot = (owner, request.id)
         with self._lock:
             known = self.results.get(slot) is not None or slot in self.running
         if known:
             self._resend(peer, reply, slot)
         elif request.request is not None:
-            self._run(peer, reply, request.request, owner, size)
+            self._run(peer, reply, request.request, owner, frames)
         else:
             raise self._unknown(request.id)
 
@@ -263,7 +264,6 @@ class Service:
         graph, segments = request.graph, request.segments
         nodes = len(graph.nodes) + sum(len(s.graph.nodes) for s in segments)
         check("graph nodes", nodes, limits.max_nodes, "--max-nodes")
-        positional = served.tokenizer is None
         if segments:
             if graph.nodes or request.stop_at is not None or request.fake:
                 raise ProtocolError("a session sends its segments only, with an empty graph")
@@ -274,33 +274,32 @@ class Service:
                 except NodeFailure as failure:
                     failure.segment = index
                     raise
-            segments = tuple(
-                Segment(s.graph, s.batch and _batch(s.batch, limits, positional=positional))
-                for s in segments
-            )
         elif any(node.op == "carry" for node in graph.nodes):
             raise ProtocolError("only a session's segments carry values between runs")
         _check_graph(graph, served, self.trusted)
-        batch = _batch(request.batch, limits, positional=positional) if not segments else Batch()
-        job = Job(request.id, owner, served.name, graph, batch, request.stop_at, request.fake, size)
-        job.segments = segments
+        job = inputs.job_of(request, served.name, limits, positional=served.tokenizer is None)
+        job.owner, job.bytes_in = owner, size
         job.weight = self.keys.weight_of(owner[1]) if owner[0] == "key" else 1.0
         return job
 
     # -- outcomes -------------------------------------------------------------------------------
-    def _done(self, job: Job, message: m.Message) -> None:
-        """Called by a worker: a status, or the job's result or failure."""
+    def _done(self, job: Job, message: m.Message | Encoded) -> None:
+        """Called by a worker: a status, or the job's result or failure (encoded already
+        when it comes from a worker process)."""
         slot = (job.owner, job.id)
         if isinstance(message, m.Status):
             self._send(slot, message)
             return
-        try:
-            frames = m.encode(message)
-        except Exception as exc:  # e.g. a saved value of a type the wire cannot carry
-            message = m.Failure(
-                job.id, {"type": type(exc).__name__, "message": f"the result cannot be sent: {exc}"}
-            )
-            frames = m.encode(message)
+        if isinstance(message, Encoded):
+            frames = message.frames
+        else:
+            try:
+                frames = m.encode(message)
+            except Exception as exc:  # e.g. a saved value of a type the wire cannot carry
+                error = {"type": type(exc).__name__, "message": f"the result cannot be sent: {exc}"}
+                message = m.Failure(job.id, error)
+                frames = m.encode(message)
+        job.frames = None  # the request's frames are not needed any more
         size = _size(frames)
         with self._lock:
             if self.running.pop(slot, None) is not None:
@@ -455,47 +454,3 @@ def _check_node(node: Node, served: ServedModel, trusted: bool) -> None:
             )
     else:
         raise OpNotAllowedError(f"unknown op {node.op!r}")
-
-
-def _batch(batch: Batch, limits: Limits, *, positional: bool) -> Batch:
-    """The run's inputs, held to the model-input allow-list and the batch and step limits.
-
-    A language model takes keyword inputs only (a positional one would be ``labels`` or
-    another argument outside the allow-list). Limits count the rows that really run: every
-    tensor input must have ``size`` rows, and generation multiplies them by its beams or
-    returned sequences.
-    """
-    if batch.args and not positional:
-        raise OpNotAllowedError(
-            "this server's model takes keyword inputs only (input_ids=..., attention_mask=...)"
-        )
-    for name in batch.kwargs:
-        if name not in INPUT_KWARGS:
-            raise OpNotAllowedError(
-                f"model input {name!r} is not accepted by this server; "
-                f"accepted: {', '.join(sorted(INPUT_KWARGS))}"
-            )
-    rows = batch.size
-    for value in tree.leaves((batch.args, batch.kwargs)):
-        if not isinstance(value, torch.Tensor):
-            continue
-        if positional:  # a generic module's inputs need not share a batch dimension
-            rows = max(rows, value.shape[0] if value.dim() else 1)
-        elif value.dim() == 0 or value.shape[0] != batch.size:
-            raise ProtocolError(
-                f"the batch claims {batch.size} rows but holds an input of shape "
-                f"{tuple(value.shape)}; every tensor input has one row per batch row"
-            )
-    kwargs = dict(batch.kwargs)
-    if batch.generate:
-        copies = [kwargs.get(k) for k in ("num_beams", "num_return_sequences")]
-        if not all(c is None or (type(c) is int and c >= 1) for c in copies):
-            raise ProtocolError("num_beams and num_return_sequences must be positive integers")
-        rows *= max((c for c in copies if c is not None), default=1)
-    check("batch rows", rows, limits.max_batch, "--max-batch")
-    if batch.generate:
-        steps = kwargs.setdefault("max_new_tokens", min(20, limits.max_new_tokens))
-        if not isinstance(steps, int):
-            raise ProtocolError("max_new_tokens must be an integer")
-        check("generation steps (max_new_tokens)", steps, limits.max_new_tokens, "--max-new-tokens")
-    return Batch(batch.args, kwargs, batch.size, batch.generate)

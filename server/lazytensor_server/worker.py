@@ -1,39 +1,32 @@
-"""Worker: the one thread that owns a model's device and runs its jobs.
+"""Worker: the thread that takes a model's jobs off its queue and has them run.
 
 A worker takes groups of jobs off its :class:`~.scheduler.FairQueue` (round robin across
-owners, at most one job per owner in a group) and runs each group as one forward pass over
-its jobs' rows (:mod:`.batching`); a job that cannot share a forward runs alone. A failure of
-one job (a user error, out of memory, a timeout) fails that job only: when a merged forward
-fails, the job whose node failed runs alone and the others run again without it (once; after
-a second failure, or one no node owns, each job runs alone), so every job gets the outcome it
-gets alone. The worker reports outcomes as data and takes the next group.
+owners, at most one job per owner in a group, :meth:`Worker._fits`) and runs each group as one
+forward pass (:class:`~.runner.Runner`). Where it runs them is the server's choice:
+
+* on this thread (``isolate=False``: the embedded server, tests), or
+* in a worker process (``isolate=True``, what ``lazytensor serve`` does: :mod:`.child`) that
+  shares the loaded weights; a job past its time limit, in whatever op, is stopped by killing
+  that process, and a fresh one takes the next job within a second, the model still loaded.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
-import torch
-
-from lazytensor.core import tree
-from lazytensor.core.errors import NodeFailure
-from lazytensor.core.graph import Batch, Graph, Segment
 from lazytensor.protocol import messages as m
-from lazytensor.protocol.values import Record
-from lazytensor.runtime import fake, session
-from lazytensor.runtime.device import device_of, to_device
-from lazytensor.runtime.executor import Executor
 
-from . import admission, batching
-from .limits import Limits, check
+from . import batching
+from .child import ChildProcess
+from .limits import Limits
 from .registry import ServedModel
+from .runner import Job, Runner, portable
 from .scheduler import FairQueue
+
+__all__ = ["POSITIONS", "Job", "Worker", "portable"]
 
 log = logging.getLogger("lazytensor.server")
 
@@ -41,35 +34,9 @@ log = logging.getLogger("lazytensor.server")
 POSITIONS = 32
 
 
-@dataclass
-class Job:
-    """One accepted ``run`` request."""
-
-    id: str
-    owner: Any  # whose request: see Service._owner
-    model: str
-    graph: Graph
-    batch: Batch
-    stop_at: int | None
-    fake: bool
-    bytes_in: int
-    segments: tuple[Segment, ...] = ()  # a session's runs (then ``graph`` is empty)
-    received: float = field(default_factory=time.monotonic)
-    started: float = 0.0
-    cancelled: bool = False
-    forward_rows: int = 0  # rows of the forward pass it ran in (with other jobs' rows)
-    forward_jobs: int = 1  # jobs that shared that forward pass
-    weight: float = 1.0  # its owner's share of turns (the key file's weight=)
-    position: int | None = None  # the queue position its owner was last told
-
-    @functools.cached_property
-    def group_key(self) -> tuple | None:
-        """What another job must share to run in the same forward (``None``: runs alone)."""
-        return batching.group_key(self)
-
-
-class Worker:
-    """Runs jobs for one model on its own thread; ``done(job, message)`` gets each outcome."""
+class Worker(Runner):
+    """Runs jobs for one model from its own thread; ``done(job, message)`` gets each outcome
+    (a message, or from a worker process an :class:`~.child.Encoded` one)."""
 
     def __init__(
         self,
@@ -77,12 +44,14 @@ class Worker:
         limits: Limits,
         done: Callable[[Job, m.Message], None],
         trusted: bool = False,
+        isolate: bool = False,
     ) -> None:
-        self.trusted = trusted
-        self.served, self.limits, self.done = served, limits, done
+        super().__init__(served, limits, done, trusted)
         self.queue = FairQueue()
-        self.served_count = 0
         self.busy = False
+        self.child: ChildProcess | None = None
+        if isolate:
+            self.child = ChildProcess(served, limits, trusted)
         self._thread = threading.Thread(
             target=self._loop, name=f"worker-{served.name}", daemon=True
         )
@@ -100,8 +69,13 @@ class Worker:
         return True
 
     def stop(self, timeout: float | None = None) -> None:
+        """Take no more jobs; wait up to ``timeout`` s for the running ones (a worker process
+        still running then is killed)."""
         self.queue.close()
         self._thread.join(timeout)
+        if self.child is not None:
+            self.child.close(0.0 if self._thread.is_alive() else 5.0)
+            self._thread.join(5.0)  # its killed job's failure is reported before we return
 
     def drain(self) -> list[Job]:
         """Remove and return every job still waiting."""
@@ -145,140 +119,8 @@ class Worker:
         for job in jobs:
             job.started = time.monotonic()
             self.done(job, m.Status(job.id, "running"))
-        jobs = admission.admitted(self, jobs)  # shape-only pass: refuse what is over a limit
-        messages = self._together(jobs) if len(jobs) > 1 else [self._alone(job) for job in jobs]
-        for job, message in zip(jobs, messages):
-            self.served_count += 1
-            self.done(job, message)
-
-    def _alone(self, job: Job) -> m.Message:
-        job.forward_rows, job.forward_jobs = job.batch.size, 1
-        try:
-            return m.Result(job.id, self._run(job))
-        except Exception as exc:  # one job's failure is that job's only
-            return m.Failure.of(job.id, exc)
-
-    def _together(self, jobs: list[Job], retry: bool = True) -> list[m.Message]:
-        merged = batching.merge(jobs)
-        for job in jobs:
-            job.forward_rows, job.forward_jobs = merged.batch.size, len(jobs)
-        module = self.served.module
-        executor = batching.MergedExecutor(
-            module,
-            merged.graph,
-            to_device(merged.batch, device_of(module)),
-            trusted=self.trusted,
-            deadline=time.monotonic() + self.limits.max_seconds,
-        )
-        try:
-            values = batching.split(merged, jobs, executor.run())
-        except NodeFailure as failure:
-            if not retry:
-                return [self._alone(job) for job in jobs]
-            owner = merged.owner(failure.node)
-            others = jobs[:owner] + jobs[owner + 1 :]
-            log.info("request %s runs alone: %s", jobs[owner].id[:12], failure)
-            messages = (
-                self._together(others, False) if len(others) > 1 else [self._alone(others[0])]
-            )
-            messages.insert(owner, self._alone(jobs[owner]))
-            return messages
-        except Exception as exc:  # a limit, memory: each job on its own
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            log.info("a forward of %d requests failed (%s); each runs alone", len(jobs), exc)
-            return [self._alone(job) for job in jobs]
-        log.info("ran %d requests in one forward (%d rows)", len(jobs), merged.batch.size)
-        messages: list[m.Message] = []
-        for job, saved in zip(jobs, values):
-            try:
-                messages.append(m.Result(job.id, self._finish(job, saved)))
-            except Exception as exc:
-                messages.append(m.Failure.of(job.id, exc))
-        return messages
-
-    def _run(self, job: Job) -> dict:
-        module = self.served.module
-        device = device_of(module)
-        fake_mode = fake.mode() if job.fake else None
-        deadline = time.monotonic() + self.limits.max_seconds  # for a whole session too
-
-        def execute(graph: Graph, batch: Batch | None, workspace: Any = None) -> dict:
-            if batch is None:  # a session's own code
-                ex = Executor(module, graph, Batch(), trusted=self.trusted, deadline=deadline,
-                              workspace=workspace)  # fmt: skip
-                return ex.run_plain()
-            executor = Executor(
-                module,
-                graph,
-                to_device(batch, device),
-                stop_at=job.stop_at,
-                fake_mode=fake_mode,
-                trusted=self.trusted,
-                deadline=deadline,
-                workspace=workspace,
-            )
-            return executor.run()
-
-        try:
-            if job.segments:
-                runs = session.run(list(job.segments), execute)
-                values: dict = {i: run for i, run in enumerate(runs)}
-            else:
-                values = execute(job.graph, job.batch)
-        except TimeoutError as exc:
-            raise TimeoutError(
-                f"{exc}: over this server's limit of {self.limits.max_seconds:g} s "
-                "(--max-seconds); ask for less work per request"
-            ) from None
-        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-            torch.cuda.empty_cache()
-            raise MemoryError(
-                f"the server ran out of memory for this request: {exc}; "
-                "use a smaller batch or save less"
-            ) from None
-        return self._finish(job, values)
-
-    def _finish(self, job: Job, values: dict) -> dict:
-        """A job's saved values as the wire carries them, held to the saved-bytes limit."""
-        if job.fake:
-            return {i: _pack(v, _meta_leaf) for i, v in values.items()}
-        values = {i: portable(v) for i, v in values.items()}
-        check("saved bytes", _nbytes(values), self.limits.max_saved_bytes, "--max-saved-bytes")
-        return values
-
-
-def portable(value: Any) -> Any:
-    """A saved value in a form the wire carries: CPU tensors, records, containers, scalars."""
-    return _pack(value, _portable_leaf)
-
-
-def _pack(value: Any, leaf: Any) -> Any:
-    r"""``value`` rebuilt in one walk: mappings other than plain dicts (``ModelOutput``) as
-    :class:`Record`\ s, containers as themselves, every other value through ``leaf``."""
-    if isinstance(value, dict) and type(value) is not dict and not isinstance(value, Record):
-        return Record(type(value).__name__, {k: _pack(v, leaf) for k, v in value.items()})
-    if tree.is_container(value) and not isinstance(value, slice):
-        return tree.rebuild(value, [_pack(v, leaf) for v in tree.children(value)])
-    return leaf(value)
-
-
-def _portable_leaf(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, (str, int, float, bool, type(None), torch.dtype, torch.device, slice)):
-        return value
-    return Record("Opaque", {"type": type(value).__name__})
-
-
-def _meta_leaf(leaf: Any) -> Any:
-    """A fake run's tensor as its shape: a ``TensorMeta`` record."""
-    if isinstance(leaf, torch.Tensor):
-        dtype = str(leaf.dtype).removeprefix("torch.")
-        return Record("TensorMeta", {"shape": list(leaf.shape), "dtype": dtype,
-                                     "device": str(leaf.device)})  # fmt: skip
-    return _portable_leaf(leaf)
-
-
-def _nbytes(value: Any) -> int:
-    return admission.nbytes(value)  # strings and integers count too
+        if self.child is None:
+            self.run_group(jobs)
+        else:
+            self.served_count += len(jobs)
+            self.child.run(jobs, self.done)

@@ -1,0 +1,276 @@
+"""Worker processes: a model's jobs run in a child process that the server may kill.
+
+A job's time limit is checked between ops, which cannot stop one op that runs for minutes (a
+huge matmul, a kernel that never returns, an op that holds the GIL). So ``lazytensor serve``
+runs each model's jobs in a worker process, and the worker thread (:mod:`.worker`) watches
+it: before each run the process says when the run must end (:attr:`.runner.Runner.watch`),
+and a run still going :data:`SLACK` seconds after that is stopped by killing the process. A
+fresh process takes the next job: it is forked from a server that has torch and the model's
+code imported (``forkserver``) and maps the same weights (CPU weights in shared memory, CUDA
+ones through IPC handles), so a restart costs well under a second, not a model load. A job
+whose process was killed or died fails with a message saying so; the other jobs of its
+forward pass run again, each alone, in the fresh process.
+
+Parent and child speak over a pipe, in msgpack headers and raw frames, never pickle: the
+parent forwards each job's request frames as it received them (the child decodes them with
+the same checks), and the child returns each outcome already encoded, which the parent sends
+to the client as is. Only the process's arguments (the model, the limits) are pickled, by
+:mod:`multiprocessing`, from the parent's own objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+import types
+from dataclasses import dataclass
+from multiprocessing import forkserver
+from typing import Any
+
+import msgpack
+import torch
+
+from lazytensor.protocol import codec
+from lazytensor.protocol import messages as m
+
+from . import inputs
+from .limits import Limits
+from .runner import Job, Runner
+
+log = logging.getLogger("lazytensor.server")
+
+#: How the server's log lines look, the worker processes' too.
+LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
+#: Seconds a run may go past its deadline (it stops itself at the next op) before its process
+#: is killed.
+SLACK = 1.0
+#: Seconds a new worker process may take to start and map the model.
+BOOT_SECONDS = 300.0
+
+
+_CONTEXT = multiprocessing.get_context("forkserver")
+
+
+def prepare(*modules: str) -> None:
+    """Start the fork server that worker processes are forked from, importing torch,
+    transformers' model code and ``modules`` (a model class's module) once, in the
+    background: ``lazytensor serve`` calls it before loading its models, so both go on at
+    once. Later calls add nothing to a running fork server."""
+    _CONTEXT.set_forkserver_preload([__name__, "transformers.modeling_utils", *modules])
+    starting = threading.Thread(target=forkserver.ensure_running, name="lazytensor-forkserver")
+    starting.daemon = True
+    starting.start()
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An outcome a worker process encoded: ``frames`` go to the client as they are."""
+
+    KIND: str
+    frames: list
+
+
+class ChildProcess:
+    """The worker process of one served model, restarted whenever it is killed or dies."""
+
+    def __init__(self, served: Any, limits: Limits, trusted: bool) -> None:
+        self.served, self.limits, self.trusted = served, limits, trusted
+        self.restarts = 0
+        self.closed = False
+        served.module.share_memory()  # CPU weights: every process maps the same pages
+        prepare(type(served.module).__module__)  # no effect once the fork server runs
+        self._process: Any = None
+        self._conn: Any = None
+        self._ready = False
+        self._start()
+
+    def _start(self) -> None:
+        parent, child = _CONTEXT.Pipe()
+        level = log.getEffectiveLevel()  # the process logs as the server does, to its output
+        spec = (self.served.name, self.served.tokenizer is None, torch.get_num_threads(), level)
+        self._process = _CONTEXT.Process(
+            target=main,
+            args=(child, self.served.module, spec, self.limits, self.trusted),
+            name=f"lazytensor-worker-{self.served.name}",
+            daemon=True,
+        )
+        self._process.start()
+        child.close()
+        self._conn, self._ready = parent, False
+
+    def _wait_ready(self) -> None:
+        if self._ready:
+            return
+        if not self._conn.poll(BOOT_SECONDS):
+            raise RuntimeError(f"the worker process did not start within {BOOT_SECONDS:g} s")
+        if _unpack(self._conn.recv_bytes()) != ["ready"]:
+            raise RuntimeError("the worker process did not start")
+        self._ready = True
+
+    def run(self, jobs: list[Job], done: Any) -> None:
+        """Run ``jobs`` as the worker thread's :meth:`.runner.Runner.run_group` would, in the
+        worker process; ``done(job, message)`` gets each outcome."""
+        try:
+            self._wait_ready()
+            self._conn.send_bytes(msgpack.packb(["run", [[j.id, len(j.frames)] for j in jobs]]))
+            for job in jobs:
+                for frame in job.frames:
+                    self._conn.send_bytes(frame.buffer if hasattr(frame, "buffer") else frame)
+        except (OSError, EOFError, RuntimeError) as exc:
+            self._restart(f"it could not be reached ({exc})")
+            for job in jobs:
+                done(job, m.Failure.of(job.id, RuntimeError(_LOST)))
+            return
+        pending = dict(enumerate(jobs))
+        stopped = self._collect(pending, done)
+        if stopped is None:
+            return
+        if self.closed:  # killed past the shutdown's grace period
+            for job in pending.values():
+                done(job, m.Failure.of(job.id, RuntimeError(_SHUT_DOWN)))
+            return
+        self._restart(stopped)
+        if len(pending) > 1:  # the one at fault is unknown: each runs alone
+            for job in pending.values():
+                self.run([job], done)
+            return
+        for job in pending.values():
+            timed_out = stopped.startswith("a run")
+            error = (
+                TimeoutError(_TIMED_OUT.format(self.limits.max_seconds))
+                if timed_out
+                else RuntimeError(_DIED.format(stopped))
+            )
+            done(job, m.Failure.of(job.id, error))
+
+    def _collect(self, pending: dict[int, Job], done: Any) -> str | None:
+        """Pass on the outcomes of the group in flight; ``None`` once it finished, else why
+        the process was stopped (``pending`` then holds the jobs without an outcome)."""
+        deadline = time.monotonic() + self.limits.max_seconds  # until the child says
+        conn = self._conn
+        while True:
+            wait = deadline + SLACK - time.monotonic()
+            try:
+                if wait <= 0 or not conn.poll(wait):
+                    return f"a run went {SLACK:g} s past its time limit"
+                header = _unpack(conn.recv_bytes())
+                if header[0] == "deadline":
+                    deadline = header[1]
+                elif header[0] == "done":
+                    _, index, kind, rows, together, count = header
+                    frames = [conn.recv_bytes() for _ in range(count)]
+                    job = pending.pop(index)
+                    job.forward_rows, job.forward_jobs = rows, together
+                    done(job, Encoded(kind, frames))
+                elif header[0] == "idle":
+                    return None
+            except (EOFError, OSError):
+                self._process.join(5)
+                return f"it exited with code {self._process.exitcode}"
+
+    def _restart(self, why: str) -> None:
+        if self.closed:  # the server is stopping: no new process
+            return
+        log.warning("worker process of %s stopped: %s; starting a new one", self.served.name, why)
+        self._stop_process()
+        self.restarts += 1
+        self._start()
+
+    def _stop_process(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(10)
+        self._conn.close()
+
+    def close(self, wait: float = 5.0) -> None:
+        """Stop the worker process, after ``wait`` s for it to exit by itself (0 when a job
+        still runs past the shutdown's grace period: it is killed)."""
+        self.closed = True
+        try:
+            self._conn.send_bytes(msgpack.packb(["stop"]))
+            self._process.join(wait)
+        except (OSError, ValueError):
+            pass
+        self._stop_process()
+
+
+_TIMED_OUT = (
+    "the request ran past this server's time limit of {:g} s (--max-seconds) inside one op "
+    "and was stopped (its worker process was restarted); ask for less work per request"
+)
+_DIED = (
+    "the worker process running this request died ({}); the server restarted it; "
+    "the request may have crashed it: check it before sending it again"
+)
+_SHUT_DOWN = (
+    "the server shut down while this request ran, past its grace period (--grace); "
+    "send it again"
+)
+_LOST = "the server's worker process could not take this request; send it again"
+
+
+def _unpack(data: bytes) -> list:
+    return msgpack.unpackb(data, raw=False, use_list=True)
+
+
+# -- the worker process ---------------------------------------------------------------------------
+def main(conn: Any, module: torch.nn.Module, spec: tuple, limits: Limits, trusted: bool) -> None:
+    """A worker process: run the groups of jobs the parent sends until it says stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when its workers stop
+    name, positional, threads, level = spec
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    torch.set_num_threads(threads)
+    wire = codec.Limits(
+        max_total_bytes=limits.max_request_bytes, max_header_bytes=limits.max_header_bytes
+    )
+    served = types.SimpleNamespace(name=name, module=module)
+    outcomes: list[tuple[Job, m.Message]] = []
+    runner = Runner(served, limits, lambda job, message: outcomes.append((job, message)), trusted)
+    runner.watch = lambda deadline: conn.send_bytes(msgpack.packb(["deadline", deadline]))
+    conn.send_bytes(msgpack.packb(["ready"]))
+    while True:
+        try:
+            header = _unpack(conn.recv_bytes())
+        except EOFError:  # the server is gone
+            return
+        if header[0] == "stop":
+            return
+        jobs, index = [], {}
+        for position, (job_id, count) in enumerate(header[1]):
+            frames = [conn.recv_bytes() for _ in range(count)]
+            try:
+                job = _job(frames, wire, name, limits, positional)
+            except Exception as exc:  # the service accepted it; answer rather than stop
+                _send(conn, position, job_id, m.Failure.of(job_id, exc), 0, 0)
+                continue
+            index[id(job)] = position
+            jobs.append(job)
+        if jobs:
+            runner.run_group(jobs)
+        for job, message in outcomes:
+            _send(conn, index[id(job)], job.id, message, job.forward_rows, job.forward_jobs)
+        outcomes.clear()
+        conn.send_bytes(msgpack.packb(["idle"]))
+
+
+def _job(frames: list, wire: codec.Limits, name: str, limits: Limits, positional: bool) -> Job:
+    request = m.decode_request(frames, wire)
+    if isinstance(request, m.Fetch):
+        request = request.request
+    return inputs.job_of(request, name, limits, positional=positional)
+
+
+def _send(conn: Any, position: int, job_id: str, message: m.Message, rows: int, jobs: int) -> None:
+    try:
+        frames = m.encode(message)
+    except Exception as exc:  # e.g. a saved value of a type the wire cannot carry
+        message = m.Failure(
+            job_id, {"type": type(exc).__name__, "message": f"the result cannot be sent: {exc}"}
+        )
+        frames = m.encode(message)
+    conn.send_bytes(msgpack.packb(["done", position, message.KIND, rows, jobs, len(frames)]))
+    for frame in frames:
+        conn.send_bytes(frame.buffer if hasattr(frame, "buffer") else frame)
