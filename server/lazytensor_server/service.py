@@ -213,10 +213,9 @@ class Service:
             self.running[slot] = job
             self.inflight[owner] += 1
             self.peers[slot] = (peer, reply)
-        reply(peer, m.encode(m.Status(request_id, "received")))
         with self._lock:  # "queued" goes out before the worker can say "running"
             position = job.position = worker.submit(job)
-            if position:  # a job that runs next is not told it waits
+            if position:  # a job that runs next hears "running" at once, and nothing before
                 reply(peer, m.encode(m.Status(request_id, "queued", position)))
 
     def _fetch(self, peer: Any, reply: Reply, request: m.Fetch, owner: Any, frames: list) -> None:
