@@ -149,3 +149,16 @@ def test_sigterm_past_the_grace_period_stops_a_running_job_cleanly(
         assert "terminate called" not in process.log()
     finally:
         process.stop()
+
+
+def test_a_large_result_crosses_from_the_worker_process_intact(child, local_llama):
+    def big(model) -> None:
+        hidden = model.model.layers[0].output[0]  # (1, T, D)
+        hidden.expand(64, -1, -1).mul(2).contiguous().reshape(-1).repeat(64).save()  # > 1 MiB
+
+    (got,) = outcomes(child.run, [job_of(local_llama, big)])
+    with local_llama.trace(PROMPT):
+        hidden = local_llama.model.layers[0].output[0]
+        want = hidden.expand(64, -1, -1).mul(2).contiguous().reshape(-1).repeat(64).save()
+    (value,) = got.values.values()
+    assert value.nbytes > 1 << 20 and torch.equal(value, want)

@@ -21,13 +21,16 @@ to the client as is. Only the process's arguments (the model, the limits) are pi
 from __future__ import annotations
 
 import logging
+import mmap
 import multiprocessing
+import os
 import signal
+import socket
 import threading
 import time
 import types
 from dataclasses import dataclass
-from multiprocessing import forkserver
+from multiprocessing import forkserver, reduction
 from typing import Any
 
 import msgpack
@@ -47,6 +50,9 @@ LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
 #: Seconds a run may go past its deadline (it stops itself at the next op) before its process
 #: is killed.
 SLACK = 1.0
+#: Reply frames of this many bytes or more (large saved tensors) reach the server through a
+#: memory file, mapped rather than copied through the pipe.
+SHARED_BYTES = 1 << 20
 #: Seconds a new worker process may take to start and map the model.
 BOOT_SECONDS = 300.0
 
@@ -160,8 +166,8 @@ class ChildProcess:
                 if header[0] == "deadline":
                     deadline = header[1]
                 elif header[0] == "done":
-                    _, index, kind, rows, together, count = header
-                    frames = [conn.recv_bytes() for _ in range(count)]
+                    _, index, kind, rows, together, count, shared = header
+                    frames = _receive_frames(conn, count, shared)
                     job = pending.pop(index)
                     job.forward_rows, job.forward_jobs = rows, together
                     done(job, Encoded(kind, frames))
@@ -206,10 +212,57 @@ _DIED = (
     "the request may have crashed it: check it before sending it again"
 )
 _SHUT_DOWN = (
-    "the server shut down while this request ran, past its grace period (--grace); "
-    "send it again"
+    "the server shut down while this request ran, past its grace period (--grace); send it again"
 )
 _LOST = "the server's worker process could not take this request; send it again"
+
+
+def _receive_frames(conn: Any, count: int, shared: list[int]) -> list:
+    """A reply's ``count`` frames: those at the ``shared`` positions come as memory files
+    (mapped here, never copied), the others through the pipe."""
+    fds = []
+    if shared:
+        with _socket(conn) as sock:
+            fds = reduction.recvfds(sock, len(shared))
+    mapped = {}
+    for position, fd in zip(shared, fds):
+        try:
+            mapped[position] = memoryview(mmap.mmap(fd, 0, prot=mmap.PROT_READ))
+        finally:
+            os.close(fd)
+    return [mapped[i] if i in mapped else conn.recv_bytes() for i in range(count)]
+
+
+def _send_frames(conn: Any, header: list, frames: list) -> None:
+    """Send ``header`` (with the frames' count and shared positions appended) and what
+    :func:`_receive_frames` reads: a frame of :data:`SHARED_BYTES` or more is written once
+    into a memory file whose descriptor crosses the pipe."""
+    views = [memoryview(f.buffer if hasattr(f, "buffer") else f).cast("B") for f in frames]
+    shared = [i for i, view in enumerate(views) if view.nbytes >= SHARED_BYTES]
+    conn.send_bytes(msgpack.packb([*header, len(views), shared]))
+    if shared:
+        fds = [_memory_file(views[i]) for i in shared]
+        try:
+            with _socket(conn) as sock:
+                reduction.sendfds(sock, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    for i, view in enumerate(views):
+        if i not in shared:
+            conn.send_bytes(view)
+
+
+def _memory_file(view: memoryview) -> int:
+    fd = os.memfd_create("lazytensor-frame", os.MFD_CLOEXEC)
+    os.ftruncate(fd, view.nbytes)
+    with mmap.mmap(fd, view.nbytes) as mapping:
+        mapping[:] = view
+    return fd
+
+
+def _socket(conn: Any) -> socket.socket:
+    return socket.socket(fileno=os.dup(conn.fileno()))
 
 
 def _unpack(data: bytes) -> list:
@@ -271,6 +324,4 @@ def _send(conn: Any, position: int, job_id: str, message: m.Message, rows: int, 
             job_id, {"type": type(exc).__name__, "message": f"the result cannot be sent: {exc}"}
         )
         frames = m.encode(message)
-    conn.send_bytes(msgpack.packb(["done", position, message.KIND, rows, jobs, len(frames)]))
-    for frame in frames:
-        conn.send_bytes(frame.buffer if hasattr(frame, "buffer") else frame)
+    _send_frames(conn, ["done", position, message.KIND, rows, jobs], frames)
