@@ -8,6 +8,7 @@ known-good request with exactly the local values (``still_serves``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import time
@@ -15,10 +16,11 @@ import time
 import pytest
 import torch
 
+import lazytensor as lt
 import test_service
 from lazytensor.core.errors import LimitExceeded
 from lazytensor.core.graph import Ref
-from lazytensor.frontend.served import Client
+from lazytensor.frontend.served import Client, in_process
 from lazytensor.protocol import messages
 from lazytensor_server import admission
 from lazytensor_server.limits import Limits
@@ -227,6 +229,144 @@ def test_an_attack_on_a_real_server_process(llama_path, tmp_path, local_llama):
                     model = local_llama
                     model.output.logits  # noqa: B018
                     torch.ones(2**28).sum().save()
+            with local_llama.trace(["Q: big\nA:"]):
+                want = local_llama.output.logits[:, -1].save()
+            with local_llama.trace(["Q: big\nA:"], remote=client):
+                got = local_llama.output.logits[:, -1].save()
+            assert torch.equal(got, want)
+        finally:
+            client.close()
+    finally:
+        process.stop()
+
+
+# -- backward passes and session state ----------------------------------------------------------
+
+BATCH = ["The Eiffel Tower is in", "Rome is the capital of"]
+#: The bytes of one value of :func:`_chain` on the tiny model: (2, 5, 64 * 64) float32.
+LINK = 2 * 5 * 64 * 64 * 4
+
+
+def _chain(lm, remote, *, backward=True, links=8, **options):
+    """Eight links, each of which autograd keeps for a backward pass (``sigmoid`` saves its
+    result) while the graph itself holds only the last two: about 1.3 MB kept, 0.3 MB held."""
+    with lm.trace(BATCH, remote=remote, **options):
+        h = lm.model.layers[0].output  # (2, 5, 64)
+        y = h.repeat(1, 1, 64)  # (2, 5, 4096)
+        for _ in range(links):
+            y = (y * 0.5).sigmoid()
+        loss = y.sum()
+        if backward:
+            with loss.backward():
+                out = h.grad.save()
+        else:
+            out = loss.save()
+    return out
+
+
+def _train(lm, remote, optimizer="Adam", size=96 * 1024):
+    """Two steps of training a 384 KiB vector (with SGD: the vector and its gradient; with
+    Adam: two more of its size, the optimizer's state)."""
+    with lm.session(remote=remote):
+        vec = lt.parameter(torch.zeros(size))
+        opt = getattr(lt.optim, optimizer)([vec], lr=1e-2)
+        for _ in range(2):
+            with lm.trace(BATCH):
+                lm.model.layers[1].output[:] += vec[:64]
+                loss = lm.output.logits[:, -1].log_softmax(-1)[:, 11].mean().neg()
+                with loss.backward():
+                    pass
+            opt.step()
+            opt.zero_grad()
+        trained = vec.save()
+    return trained
+
+
+def _carry(lm, remote, traces=4):
+    """Four traces each make a 320 KiB value that the session's code adds up at the end: each
+    trace alone is small, what the session carries is not."""
+    with lm.session(remote=remote):
+        made = []
+        for _ in range(traces):
+            with lm.trace(BATCH):
+                made.append(lm.model.layers[0].output.repeat(1, 1, 128))  # (2, 5, 8192)
+        total = made[0]
+        for value in made[1:]:
+            total = total + value
+        out = total.sum().save()
+    return out
+
+
+def test_an_estimate_counts_what_a_backward_pass_keeps(local_llama, served_llama):
+    """Without the backward pass the graph holds two links at a time; with it, autograd keeps
+    every link until the backward node, and the pass counts them."""
+    module, limits = served_llama.module, Limits()
+
+    def measured(backward):
+        capture = Capture()
+        client = Client("capture", TOKEN, transport=capture)
+        _chain(local_llama, client, backward=backward, blocking=False)
+        run = messages.decode_request(capture.sent[-1])
+        return admission.estimate(module, run.graph, run.batch, limits, False)
+
+    plain, trained = measured(False), measured(True)
+    assert plain.peak <= 2 * LINK  # a link and the next
+    # Every link and the model's activations, at the backward node; not the weights (~5 links)
+    assert 8 * LINK <= trained.peak < 10 * LINK
+
+
+@pytest.mark.parametrize(
+    ("job", "where"),
+    [
+        (_chain, "sigmoid"),  # the link that went over
+        (_train, "optimize step"),  # Adam's state
+        (_carry, "repeat"),  # the third carried value
+    ],
+    ids=["backward", "optimizer", "carried"],
+)
+def test_backward_passes_and_session_state_are_refused_at_admission(
+    job, where, make_service, local_llama, still_serves, caplog
+):
+    service = make_service(limits=Limits(max_memory=2**20))
+    client = in_process(service, timeout=60.0)
+    with caplog.at_level(logging.INFO, logger="lazytensor.server"):
+        with pytest.raises(LimitExceeded, match="--max-memory") as refused:
+            job(local_llama, client)
+    assert where in str(refused.value)
+    assert "refused at admission" in caplog.text  # before any of it ran
+    still_serves(Peer(service))
+
+
+@pytest.mark.parametrize(
+    "job",
+    [
+        functools.partial(_chain, links=2),
+        functools.partial(_train, optimizer="SGD"),
+        functools.partial(_carry, traces=2),
+    ],
+    ids=["backward", "optimizer", "carried"],
+)
+def test_what_fits_runs_as_without_the_limit(job, make_service, local_llama, caplog):
+    """Under --max-memory, the same jobs made smaller (two links; SGD keeps no state; two
+    carried values) give exactly what a server without the limit gives."""
+    limited = in_process(make_service(limits=Limits(max_memory=2**20)), timeout=60.0)
+    unlimited = in_process(make_service(), timeout=60.0)
+    with caplog.at_level(logging.INFO, logger="lazytensor.server"):
+        got = job(local_llama, limited)
+    assert "refused" not in caplog.text
+    assert torch.equal(got, job(local_llama, unlimited))
+
+
+def test_a_training_attack_on_a_real_server_process(llama_path, tmp_path, local_llama):
+    process = ServerProcess(llama_path, tmp_path / "server.log", "--max-memory", str(2**20))
+    try:
+        process.wait_ready()
+        client = Client(process.address, None, timeout=60.0)
+        try:
+            with pytest.raises(LimitExceeded, match="--max-memory") as refused:
+                _train(local_llama, client)
+            assert "optimize step" in str(refused.value)  # Adam's state, at its first step
+            assert "refused at admission" in process.log()
             with local_llama.trace(["Q: big\nA:"]):
                 want = local_llama.output.logits[:, -1].save()
             with local_llama.trace(["Q: big\nA:"], remote=client):

@@ -3,12 +3,15 @@
 Before a job runs, its worker replays the graph shape-only (an :class:`Executor` with
 ``fake_mode``: tensors with shapes and no data; for generation, the prompt step and one
 decoding step) and measures, node by node, the bytes of every new tensor the graph's own ops
-make, freeing them as the real run does. The peak is an estimate of what the graph allocates
-beyond the model's own forward, and what the saved values will hold (a saved value of every
-generation step counts once per step). A job over ``--max-memory`` or ``--max-saved-bytes``
-is refused there, with a :class:`LimitExceeded` naming the node, its op and the flag, before
-any of it runs. The estimate is cached by graph structure and input shapes, so a repeated
-experiment pays for the pass once.
+make, freeing them as the real run does (:mod:`.footprint`: with a backward pass, what
+autograd keeps and the gradients it makes; trainable tensors and optimizer state). A session
+is replayed whole, its segments in order (session code too) sharing what outlives each one:
+carried values, trainable tensors, their gradients and optimizer states. The peak is an
+estimate of what the job allocates beyond the model's own forward, and what the saved values
+will hold (a saved value of every generation step counts once per step). A job over
+``--max-memory`` or ``--max-saved-bytes`` is refused there, with a :class:`LimitExceeded`
+naming the node, its op and the flag, before any of it runs. The estimate is cached by graph
+structure and input shapes, so a repeated experiment pays for the pass once.
 
 While it runs, every op is held to ``--max-memory`` from its arguments before it allocates
 (:mod:`lazytensor.runtime.bounds`, for the sizes only the run knows: after an op whose output
@@ -29,23 +32,21 @@ import torch
 
 from lazytensor.core import tree
 from lazytensor.core.errors import LimitExceeded, NodeFailure, OpNotAllowedError
-from lazytensor.core.graph import Batch, Graph
+from lazytensor.core.graph import GRADIENTS, STATE, Batch, Graph, Segment
 from lazytensor.protocol import messages as m
-from lazytensor.runtime import bounds, fake
+from lazytensor.runtime import bounds, fake, session
 from lazytensor.runtime.device import device_of
-from lazytensor.runtime.executor import Executor
 from lazytensor.runtime.plan import Plan
 
+from .footprint import MAKES, Ledger, Sizer, nbytes
 from .limits import Limits
 
 log = logging.getLogger("lazytensor.server")
 
 #: The longest string a graph argument may hold (einsum equations, names: a few characters).
 MAX_STRING = 2**16
-#: Ops whose results are new memory of the graph's own (not the model's values, not weights).
-_MAKES = frozenset(("function", "method", "module", "parameter", "python"))
-#: Session ops a shape-only pass cannot replay on its own (they read the session's state).
-_STATEFUL = frozenset(("carry", "optimizer", "optimize"))
+#: Ops that make state beyond the forward (a backward pass, trainable tensors, optimizers).
+_STATEFUL = frozenset(GRADIENTS + STATE) - {"weight"}
 _CACHE_SIZE = 256
 #: Ops (bare names) whose result holds no more than about their first input: unary maps,
 #: reductions, normalizations, views, casts. Binary ops broadcast, so they are not here.
@@ -63,10 +64,12 @@ class Estimate:
     """What a shape-only pass measured: peak bytes (at ``peak_node``) and saved bytes."""
 
     peak: int = 0
-    peak_node: int | None = None
+    peak_node: int | None = None  # where the bytes first went over --max-memory, or peaked
     saved: int = 0
     saved_node: int | None = None
     failure: NodeFailure | None = None  # a bound of lazytensor's own, hit in the pass
+    peak_segment: int | None = None  # of a session: the segments of the nodes above
+    saved_segment: int | None = None
 
 
 _cache: OrderedDict[tuple, Estimate] = OrderedDict()
@@ -102,17 +105,21 @@ def admit(module: torch.nn.Module, job: Any, limits: Limits, *, trusted: bool) -
         NodeFailure: of a :class:`LimitExceeded` naming the node and the flag.
     """
     deadline = time.monotonic() + limits.max_seconds
-    runs = [(s.graph, s.batch) for s in job.segments] or [(job.graph, job.batch)]
-    for index, (graph, batch) in enumerate(runs):
-        try:
-            check_arguments(graph, trusted)
-            if batch is None or any(n.op in _STATEFUL for n in graph.nodes):
-                continue  # session code, or a trace that reads the session's state
-            if needs_pass(graph, batch):  # else the per-op bounds suffice
-                _check(graph, estimate(module, graph, batch, limits, trusted, deadline), limits)
-        except NodeFailure as failure:
-            failure.segment = index if job.segments else None
-            raise
+    if job.segments:  # a session: replayed whole, since its segments share state
+        graphs = [segment.graph for segment in job.segments]
+        for index, graph in enumerate(graphs):
+            try:
+                check_arguments(graph, trusted)
+            except NodeFailure as failure:
+                failure.segment = index
+                raise
+        found = estimate_session(module, job.segments, limits, trusted, deadline)
+        _check(graphs, found, limits)
+        return
+    check_arguments(job.graph, trusted)
+    if needs_pass(job.graph, job.batch):  # else the per-op bounds suffice
+        _check([job.graph], estimate(module, job.graph, job.batch, limits, trusted, deadline),
+               limits)  # fmt: skip
 
 
 def needs_pass(graph: Graph, batch: Batch) -> bool:
@@ -121,16 +128,19 @@ def needs_pass(graph: Graph, batch: Batch) -> bool:
     A graph of point reads and writes, attribute reads, slicing and ops whose result is no
     larger than their input (:data:`_CONTAINED`) holds at most a few copies of the values it
     reads; the per-op bounds hold it while it runs. Anything else (a factory, a binary op that
-    broadcasts, a matmul, a module call, a value saved at every generation step) gets the pass.
+    broadcasts, a matmul, a module call, a value saved at every generation step, a backward
+    pass, a trainable tensor) gets the pass.
     """
     for node in graph.nodes:
+        if node.op in _STATEFUL:
+            return True
         if node.op in ("function", "method"):
             name = node.target.rpartition(".")[2]
             if name not in _CONTAINED:
                 return True
             if name in ("getitem", "setitem") and not all(map(_plain_index, node.args[1:2])):
                 return True
-        elif node.op in _MAKES:
+        elif node.op in MAKES:
             return True
     if batch.generate:
         repeating = Plan.of(graph).repeating
@@ -162,28 +172,38 @@ def check_arguments(graph: Graph, trusted: bool) -> None:
                 raise NodeFailure(node.id, error)
 
 
-def _check(graph: Graph, est: Estimate, limits: Limits) -> None:
+def _check(graphs: list[Graph], est: Estimate, limits: Limits) -> None:
+    """Raise the refusal ``est`` calls for; ``graphs`` are a session's segments, or one."""
+    session = len(graphs) > 1 or est.peak_segment is not None
     if est.peak > limits.max_memory and est.peak_node is not None:
-        node = graph.nodes[est.peak_node]
-        raise NodeFailure(
+        node = graphs[est.peak_segment or 0].nodes[est.peak_node]
+        failure = NodeFailure(
             est.peak_node,
             LimitExceeded(
-                f"this request would hold about {est.peak:,} bytes of its own tensors once "
-                f"this node ({node.op} {node.target}) has run, over this server's limit of "
-                f"{limits.max_memory:,} (--max-memory); compute on less data per request"
+                f"this request would hold about {est.peak:,} bytes of its own (the tensors it "
+                "makes; what its backward passes keep; trainable tensors and their optimizer "
+                f"state), over this server's limit of {limits.max_memory:,} (--max-memory) "
+                f"once this node ({node.op} {node.target}) has run; compute on less data per "
+                "request"
             ),
         )
+        failure.segment = est.peak_segment if session else None
+        raise failure
     if est.saved > limits.max_saved_bytes and est.saved_node is not None:
-        raise NodeFailure(
+        failure = NodeFailure(
             est.saved_node,
             LimitExceeded(
                 f"saved bytes would be about {est.saved:,}, over this server's limit of "
                 f"{limits.max_saved_bytes:,} (--max-saved-bytes); save less, or slices of it"
             ),
         )
-    if est.failure is not None:
-        failure = est.failure
-        raise NodeFailure(failure.node, failure.error, failure.hint)
+        failure.segment = est.saved_segment if session else None
+        raise failure
+    if est.failure is not None:  # a fresh exception: the estimate is cached
+        found = est.failure
+        failure = NodeFailure(found.node, found.error, found.hint)
+        failure.segment = found.segment
+        raise failure
 
 
 def estimate(
@@ -196,12 +216,33 @@ def estimate(
 ) -> Estimate:
     """The :class:`Estimate` of running ``graph`` on ``batch``, from the cache if known."""
     key = (id(module), graph.structure_key(), _shapes(batch), trusted, limits.max_memory)
+    return _cached(key, lambda: _measure(module, [Segment(graph, batch)], trusted, deadline,
+                                         limits))  # fmt: skip
+
+
+def estimate_session(
+    module: torch.nn.Module,
+    segments: tuple[Segment, ...],
+    limits: Limits,
+    trusted: bool,
+    deadline: float | None = None,
+) -> Estimate:
+    """The :class:`Estimate` of running a session's ``segments`` in order, from the cache if
+    known: nodes are named with their segment (``peak_segment``, ``saved_segment``)."""
+    shapes = tuple(
+        (s.graph.structure_key(), None if s.batch is None else _shapes(s.batch)) for s in segments
+    )
+    key = (id(module), "session", shapes, trusted, limits.max_memory)
+    return _cached(key, lambda: _measure(module, list(segments), trusted, deadline, limits))
+
+
+def _cached(key: tuple, measure: Any) -> Estimate:
     with _lock:  # one worker thread per served model shares the cache
         found = _cache.get(key)
         if found is not None:
             _cache.move_to_end(key)
             return found
-    result = _measure(module, graph, batch, trusted, deadline, limits.max_seconds)
+    result = measure()
     with _lock:
         _cache[key] = result
         if len(_cache) > _CACHE_SIZE:
@@ -218,31 +259,63 @@ def _shapes(batch: Batch) -> str:
 
 def _measure(
     module: torch.nn.Module,
-    graph: Graph,
-    batch: Batch,
+    segments: list[Segment],
     trusted: bool,
     deadline: float | None,
-    seconds: float,
+    limits: Limits,
 ) -> Estimate:
-    mode = fake.mode()
-    sizer = _Sizer(
-        module, graph, _fake(batch, mode, device_of(module)), fake_mode=mode,
-        trusted=trusted, deadline=deadline,
-    )  # fmt: skip
+    """Replay ``segments`` shape-only: one trace, or a session's runs sharing a :class:`Ledger`."""
+    mode, limit = fake.mode(), limits.max_memory
+    ledger = Ledger(module, mode)
+    device = device_of(module)
+    sizers: list[Sizer] = []
+
+    def execute(graph: Graph, batch: Batch | None, workspace: Any = None) -> dict[int, Any]:
+        if workspace is not None:
+            ledger.workspace = workspace  # the session's, which keeps its carried values
+        plain = batch is None  # a session's own code
+        run_on = Batch() if plain else _fake(batch, mode, device)
+        sizer = Sizer(module, graph, run_on, fake_mode=mode, trusted=trusted,
+                      deadline=deadline, ledger=ledger, limit=limit)  # fmt: skip
+        sizers.append(sizer)
+        return sizer.run_plain() if plain else sizer.run()
+
     failure = None
     try:
-        sizer.run()
+        if len(segments) == 1 and segments[0].batch is not None:
+            execute(segments[0].graph, segments[0].batch)
+        else:
+            session.run(segments, execute)
     except NodeFailure as exc:  # the pass ends here; the run itself fails here or is bounded
         if isinstance(exc.error, LimitExceeded):
             failure = exc
     except TimeoutError as exc:
         raise TimeoutError(
             f"{exc} while its shape-only admission pass ran: over this server's limit of "
-            f"{seconds:g} s (--max-seconds); ask for less work per request"
+            f"{limits.max_seconds:g} s (--max-seconds); ask for less work per request"
         ) from None
     except Exception as exc:  # what ran until here is measured; the run bounds the rest
         log.debug("shape-only pass stopped early: %s", exc)
-    return Estimate(sizer.peak, sizer.peak_node, *_saved(sizer), failure)
+    return _combined(sizers, failure, session=len(segments) > 1 or segments[0].batch is None)
+
+
+def _combined(sizers: list[Sizer], failure: NodeFailure | None, *, session: bool) -> Estimate:
+    """One estimate of the segments' passes: the highest peak, the saved bytes of all."""
+    if not sizers:
+        return Estimate(failure=failure)
+    over = [i for i, sizer in enumerate(sizers) if sizer.over]
+    top = over[0] if over else max(range(len(sizers)), key=lambda i: sizers[i].peak)
+    peak = max(sizer.peak for sizer in sizers)
+    saved, saved_node, saved_segment, largest = 0, None, None, -1
+    for index, sizer in enumerate(sizers):
+        total, node, size = _saved(sizer)
+        saved += total
+        if size > largest:
+            largest, saved_node, saved_segment = size, node, index
+    return Estimate(
+        peak, sizers[top].peak_node, saved, saved_node, failure,
+        top if session else None, saved_segment if session else None,
+    )  # fmt: skip
 
 
 def _fake(batch: Batch, mode: Any, device: torch.device) -> Batch:
@@ -256,8 +329,9 @@ def _fake(batch: Batch, mode: Any, device: torch.device) -> Batch:
                  batch.generate)  # fmt: skip
 
 
-def _saved(sizer: _Sizer) -> tuple[int, int | None]:
-    """Bytes the saved values will hold (per generation step for a repeating one)."""
+def _saved(sizer: Sizer) -> tuple[int, int | None, int]:
+    """Bytes the saved values will hold (per generation step for a repeating one), the node
+    of the largest, and its bytes."""
     steps = int(sizer.batch.kwargs.get("max_new_tokens", 1)) if sizer.batch.generate else 1
     total, largest, node = 0, -1, None
     for i in sizer.graph.saved:
@@ -267,84 +341,4 @@ def _saved(sizer: _Sizer) -> tuple[int, int | None]:
         total += size
         if size > largest:
             largest, node = size, i
-    return total, node
-
-
-class _Sizer(Executor):
-    """A shape-only replay that counts the live bytes of the tensors the graph makes."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.live = self.peak = 0
-        self.peak_node: int | None = None
-        self.sizes: dict[int, int] = {}  # storage -> its bytes if the graph made it, else 0
-        self.refs: dict[int, int] = {}  # storage -> live nodes holding a tensor on it
-        self.held: dict[int, tuple[list[int], int]] = {}  # node -> (storages, Python bytes)
-
-    def _run_node(self, i: int) -> None:
-        super()._run_node(i)
-        self._hold(i)
-        for d in self.deps[i]:
-            if self.values[d] is None:
-                self._release(d)
-        if not self.users[i] and i not in self.keep and i not in self.repeating:
-            self._release(i)  # the real run drops it at once
-
-    def _reset(self, start: int) -> None:
-        super()._reset(start)
-        for i in [i for i in self.held if self.values[i] is None]:
-            self._release(i)
-
-    def _hold(self, i: int) -> None:
-        makes = self.graph.nodes[i].op in _MAKES
-        storages, python = [], 0
-        for leaf in tree.leaves(self.values[i]):
-            if isinstance(leaf, torch.Tensor):
-                key, size = _storage(leaf)
-                if key not in self.sizes:
-                    self.sizes[key] = size if makes else 0
-                count = self.refs.get(key, 0)
-                if key not in storages:
-                    storages.append(key)
-                    self.refs[key] = count + 1
-                    if count == 0:
-                        self.live += self.sizes[key]
-            elif makes and isinstance(leaf, (str, bytes, int)):
-                python += _python_bytes(leaf)
-        self.live += python
-        self.held[i] = (storages, python)
-        if self.live > self.peak:
-            self.peak, self.peak_node = self.live, i
-
-    def _release(self, i: int) -> None:
-        storages, python = self.held.pop(i, ((), 0))
-        self.live -= python
-        for key in storages:
-            self.refs[key] -= 1
-            if self.refs[key] == 0:
-                self.live -= self.sizes[key]
-
-
-def _storage(t: torch.Tensor) -> tuple[int, int]:
-    try:
-        storage = t.untyped_storage()
-        return storage._cdata, storage.nbytes()
-    except Exception:  # no storage (a nested or sparse tensor): count it on its own
-        return id(t), t.numel() * t.element_size()
-
-
-def _python_bytes(value: Any) -> int:
-    if isinstance(value, (str, bytes)):
-        return len(value)
-    return value.bit_length() // 8 + 1 if isinstance(value, int) else 0
-
-
-def nbytes(value: Any) -> int:
-    """The bytes of the values in ``value``: tensors, and strings, bytes and integers too."""
-    total = 0
-    for leaf in tree.leaves(value):
-        if isinstance(leaf, torch.Tensor):
-            total += leaf.numel() * leaf.element_size()
-        else:
-            total += _python_bytes(leaf)
-    return total
+    return total, node, largest

@@ -230,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run user-defined Python functions that clients send (their code runs here!)",
     )
     parser.add_argument(
+        "--keep-results",
+        type=int,
+        default=1024,
+        help="finished results kept per user for a client that asks again (oldest dropped)",
+    )
+    parser.add_argument(
         "--workers",
         choices=("process", "thread"),
         default="process",
@@ -299,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         trusted=args.trusted_clients,
         metrics=metrics,
         isolate=args.workers == "process",
+        keep=args.keep_results,
     )
     App(service, f"tcp://{args.host}:{args.port}", grace=args.grace, curve=curve).run()
     busy = [t.name for t in threading.enumerate() if t.name.startswith("worker-") and t.is_alive()]

@@ -27,6 +27,10 @@ class Limits:
     #: Per owner rather than per request: how many of one owner's requests may be queued or
     #: running at once (a key file's ``max_inflight=N`` overrides it for that key).
     max_inflight: int = 32
+    #: Per client address rather than per request: how many connections one address may hold
+    #: open at once (idle ones too); a connection over it is shut down as it is accepted.
+    #: 0 turns the cap off.
+    max_connections_per_address: int = 256
 
 
 def check(what: str, value: float, limit: float, flag: str) -> None:

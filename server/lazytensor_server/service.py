@@ -59,8 +59,8 @@ class Service:
         models: the served models.
         keys: accepted API keys (``Keys(None)`` for an open loopback server).
         limits: per-request limits.
-        keep: how many finished results to keep for clients that ask again.
-        keep_bytes: how many bytes of finished results to keep.
+        keep: how many finished results to keep per owner for clients that ask again.
+        keep_bytes: how many bytes of finished results to keep per owner.
         ttl: seconds a finished result is kept.
         trusted: run user-defined Python functions sent by clients (code from the network:
             only for clients you trust as you trust yourself).
