@@ -376,3 +376,26 @@ def test_a_training_attack_on_a_real_server_process(llama_path, tmp_path, local_
             client.close()
     finally:
         process.stop()
+
+
+def test_neuron_forcing_needs_no_shape_only_pass(local_llama):
+    """A write through a short list of neurons makes nothing big: no pass, for any neuron
+    (each user's own neuron is its own graph structure, and a pass costs several forwards);
+    a long list, or a list in a read, still gets one."""
+
+    def force(neurons):
+        def build(model):
+            model.model.layers[1].mlp.down_proj.input[:, -1, neurons] = 5.0
+            model.output.logits[:, -1].save()
+
+        return build
+
+    def read(model):
+        model.model.layers[1].mlp.down_proj.input[:, -1, [3, 4]].save()
+
+    def needs(build) -> bool:
+        run = messages.decode_request(frames_of(request(local_llama, build=build)))
+        return admission.needs_pass(run.graph, run.batch)
+
+    assert not needs(force([7171 % 64, 3])) and not needs(force(list(range(64))))
+    assert needs(force([0] * (admission.LIST_INDEX + 1))) and needs(read)

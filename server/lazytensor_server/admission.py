@@ -47,6 +47,8 @@ log = logging.getLogger("lazytensor.server")
 MAX_STRING = 2**16
 #: Ops that make state beyond the forward (a backward pass, trainable tensors, optimizers).
 _STATEFUL = frozenset(GRADIENTS + STATE) - {"weight"}
+#: Longest list of ints in a write's index that needs no shape-only pass.
+LIST_INDEX = 4096
 _CACHE_SIZE = 256
 #: Ops (bare names) whose result holds no more than about their first input: unary maps,
 #: reductions, normalizations, views, casts. Binary ops broadcast, so they are not here.
@@ -138,7 +140,9 @@ def needs_pass(graph: Graph, batch: Batch) -> bool:
             name = node.target.rpartition(".")[2]
             if name not in _CONTAINED:
                 return True
-            if name in ("getitem", "setitem") and not all(map(_plain_index, node.args[1:2])):
+            if name == "getitem" and not all(map(_plain_index, node.args[1:2])):
+                return True
+            if name == "setitem" and not all(map(_small_write, node.args[1:2])):
                 return True
         elif node.op in MAKES:
             return True
@@ -146,6 +150,17 @@ def needs_pass(graph: Graph, batch: Batch) -> bool:
         repeating = Plan.of(graph).repeating
         return any(i in repeating for i in graph.saved)
     return False
+
+
+def _small_write(index: Any) -> bool:
+    """An index for an in-place write that makes nothing big: a plain index, or one with
+    lists of at most :data:`LIST_INDEX` ints (``x[:, -1, [7171, 2519]] = 5.0``: the write
+    makes an index tensor of the list's length, and the target is written, not copied)."""
+    if isinstance(index, tuple):
+        return all(map(_small_write, index))
+    if type(index) is list:
+        return len(index) <= LIST_INDEX and all(type(i) is int for i in index)
+    return _plain_index(index)
 
 
 def _plain_index(index: Any) -> bool:
