@@ -7,10 +7,13 @@ for a fixed time. Each user is a thread of this process with its own connection
 neuron ``i`` of layer 1's MLP) and saves the last position's logits, on the same prompt, so
 the server may run waiting users' traces as one forward pass (:mod:`lazytensor_server.batching`).
 
-Each number of users runs twice, on a server with batching (the default) and on one started
-with ``--max-batch-jobs 1`` (every request runs alone). The table gives requests per second,
-the ratio to the same server's one-user rate, p50 and p99 latency over every request of every
-user, and how many requests shared a forward pass on average (from the server's log). The
+Each number of users runs on three servers: with batching and worker processes (the defaults),
+with ``--max-batch-jobs 1`` (every request runs alone), and with ``--workers thread`` (jobs
+on a thread of the server's process). ``--restart`` also times a job stopped past
+``--max-seconds`` inside one op (its worker process is killed) and the request after it.
+The table gives requests per second, the ratio to the same server's one-user rate, p50 and
+p99 latency over every request of every user, and how many requests shared a forward pass on
+average (from the server's log). The
 target: with batching, 16 users get at least 6x the one-user requests per second.
 
 Usage::
@@ -151,7 +154,12 @@ def check_results(lm, endpoint: str) -> None:
 
 def bench(lm, path: str, args) -> list[dict]:
     rows = []
-    for mode, extra in (("batched", ()), ("alone", ("--max-batch-jobs", "1"))):
+    modes = (
+        ("batched", ()),
+        ("alone", ("--max-batch-jobs", "1")),
+        ("threads", ("--workers", "thread")),
+    )
+    for mode, extra in modes:
         if mode not in args.modes:
             continue
         log_path = os.path.join(tempfile.gettempdir(), f"bench_serve_{mode}.log")
@@ -180,6 +188,38 @@ def bench(lm, path: str, args) -> list[dict]:
                     }
                 )
                 print(table("", rows[-1:]).splitlines()[-1], flush=True)
+    return rows
+
+
+def restart(lm, path: str, args) -> list[dict]:
+    """What a stopped job costs: a request that overruns ``--max-seconds 1`` inside one op
+    (its worker process is killed), then the next user's request, which waits for the fresh
+    worker process; against the same request on a warm server."""
+    log_path = os.path.join(tempfile.gettempdir(), "bench_serve_restart.log")
+    rows = []
+    with server(path, log_path, args.server_threads, "--max-seconds", "1") as endpoint:
+        client = lt.connect(endpoint, timeout=CLIENT_TIMEOUT)
+        try:
+            user_trace(lm, client, 0)
+            for _ in range(3):
+                start = time.perf_counter()
+                user_trace(lm, client, 0)
+                warm = time.perf_counter() - start
+                start = time.perf_counter()
+                try:
+                    with lm.trace(PROMPT, remote=client):
+                        big = torch.ones(8192, 8192)
+                        (big @ big).sum().save()  # one op of many seconds
+                except TimeoutError:
+                    pass
+                stopped = time.perf_counter() - start
+                start = time.perf_counter()
+                user_trace(lm, client, 0)
+                after = time.perf_counter() - start
+                row = {"max_seconds": 1.0, "overrun_request_s": stopped}
+                rows.append({**row, "next_request_ms": after * 1e3, "warm_request_ms": warm * 1e3})
+        finally:
+            client.close()
     return rows
 
 
@@ -227,12 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     lm = lt.LanguageModel(path)
     m = machine()
     print(f"machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, python {m['python']}")
-    rows = bench(lm, path, args)
-    print(table(f"Many users, one server ({args.duration:g} s per point)", rows))
-    print("\n" + summary(rows))
+    rows = bench(lm, path, args) if args.modes else []
+    if rows:
+        print(table(f"Many users, one server ({args.duration:g} s per point)", rows))
+        print("\n" + summary(rows))
+    restarts = restart(lm, path, args) if args.restart else []
+    if restarts:
+        print(table("A job stopped past its time limit, and the request after it", restarts))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"machine": m, "args": vars(args), "rows": rows}, out, indent=2)
+            json.dump({"machine": m, "args": vars(args), "rows": rows, "restarts": restarts},
+                      out, indent=2)  # fmt: skip
     return 0
 
 
@@ -241,8 +286,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--users", type=_ints, default=[1, 4, 16, 64], help="e.g. 1,4,16,64")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per point")
     parser.add_argument(
-        "--modes", type=lambda s: s.split(","), default=["batched", "alone"],
-        help="servers to measure: batched (default flags), alone (--max-batch-jobs 1)",
+        "--modes", type=_names, default=["batched", "alone", "threads"],
+        help="servers to measure: batched (default flags: worker processes), alone "
+        "(--max-batch-jobs 1), threads (--workers thread); '' for none",
+    )  # fmt: skip
+    parser.add_argument(
+        "--restart", action="store_true",
+        help="also time a job stopped past --max-seconds and the request after it",
     )  # fmt: skip
     parser.add_argument(
         "--server-threads", type=int, default=1,
@@ -251,6 +301,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser.parse_args(argv)
+
+
+def _names(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
 
 
 def _ints(text: str) -> list[int]:
