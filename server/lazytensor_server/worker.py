@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from lazytensor.protocol import messages as m
 
@@ -121,6 +122,19 @@ class Worker(Runner):
             self.done(job, m.Status(job.id, "running"))
         if self.child is None:
             self.run_group(jobs)
-        else:
-            self.served_count += len(jobs)
-            self.child.run(jobs, self.done)
+            return
+        self.served_count += len(jobs)
+        answered: set[int] = set()
+
+        def done(job: Job, message: Any) -> None:
+            answered.add(id(job))
+            self.done(job, message)
+
+        try:
+            self.child.run(jobs, done)
+        except Exception:  # the worker process could not even be restarted
+            log.exception("the worker process of %s failed", self.served.name)
+            for job in jobs:
+                if id(job) not in answered:
+                    error = RuntimeError("the server's worker process failed; send it again")
+                    self.done(job, m.Failure.of(job.id, error))
