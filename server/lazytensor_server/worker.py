@@ -52,7 +52,16 @@ class Worker(Runner):
         self.busy = False
         self.child: ChildProcess | None = None
         if isolate:
-            self.child = ChildProcess(served, limits, trusted)
+            try:
+                self.child = ChildProcess(served, limits, trusted)
+            except Exception as exc:  # e.g. a model that cannot be shared with a process
+                log.warning(
+                    "%s cannot run in a worker process (%s: %s); its jobs run on a thread, "
+                    "where an op past --max-seconds cannot be stopped",
+                    served.name,
+                    type(exc).__name__,
+                    exc,
+                )
         self._thread = threading.Thread(
             target=self._loop, name=f"worker-{served.name}", daemon=True
         )
