@@ -62,6 +62,7 @@ from servers import (  # noqa: E402, F401
     inproc_client,
     llama_service,
     local_llama,
+    process_client,
     served_handle,
     served_llama,
     socket_client,

@@ -195,14 +195,33 @@ def socket_client(embedded_server: App) -> Iterator[Client]:
 
 
 @pytest.fixture(scope="session")
+def process_client(
+    llama_path: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Client]:
+    """A client of ``lazytensor serve`` in its own process, with its defaults: jobs run in a
+    worker process (the path a deployed server takes), started once for the session."""
+    server = ServerProcess(llama_path, tmp_path_factory.mktemp("process") / "server.log")
+    try:
+        server.wait_ready()
+        client = Client(server.address, timeout=60.0)
+        yield client
+        client.close()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def served_handle(inproc_client: Client) -> lt.LanguageModel:
     """A handle on the in-process server's model (``client.model(MODEL)``)."""
     return inproc_client.model(MODEL)
 
 
-@pytest.fixture(params=["local", "inproc", "socket", "handle"])
+@pytest.fixture(params=["local", "inproc", "socket", "handle", "process"])
 def where(request, local_llama, inproc_client, socket_client, served_handle):
-    """(model, remote=) for a local run and each way of running on a server."""
+    """(model, remote=) for a local run and each way of running on a server (``process``: a
+    server process whose jobs run in its worker process)."""
+    if request.param == "process":
+        return local_llama, request.getfixturevalue("process_client")
     return {
         "local": (local_llama, False),
         "inproc": (local_llama, inproc_client),

@@ -151,15 +151,16 @@ def test_generation_with_repeating_edits_runs_every_step(local_llama):
 
 
 # -- tracer.stop() ----------------------------------------------------------------------------
-def test_stop_ends_the_forward_where_it_is_recorded(where, local_llama, served_llama):
+def test_stop_ends_the_forward_where_it_is_recorded(where, local_llama, served_llama, request):
     model, remote = where
+    counted = request.node.callspec.params["where"] != "process"  # else another process ran it
     full = reference(local_llama, LAYERS)
     module = local_llama._module if model is local_llama and not remote else served_llama.module
     with counting(module) as calls:
         with model.trace(SENTENCES, remote=remote) as tracer:
             h = model.model.layers[0].output.save()
             tracer.stop()
-    assert calls["model.layers.0"] == 1 and calls["model.layers.1"] == 0
+    assert not counted or (calls["model.layers.0"] == 1 and calls["model.layers.1"] == 0)
     torch.testing.assert_close(h, full["model.layers.0"][0])
 
 

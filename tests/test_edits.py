@@ -34,17 +34,19 @@ def zeroed(module, args, output):
 
 
 # -- skip -------------------------------------------------------------------------------------
-def test_skip_with_a_value_computed_from_the_input(where, local_llama, served_llama):
+def test_skip_with_a_value_computed_from_the_input(where, local_llama, served_llama, request):
     model, remote = where
+    counted = request.node.callspec.params["where"] != "process"  # else another process ran it
     with counting(module_of(model, remote, local_llama, served_llama)) as calls:
         with model.trace(SENTENCES, remote=remote):
             mlp = model.model.layers[1].mlp
             mlp.skip(mlp.input * 2)
             out = mlp.output.save()
             logits = model.output.logits.save()
-    assert calls[MLP] == 1  # the call happened (its hooks fire) ...
-    inside = [p for p in calls if p.startswith(MLP + ".")]
-    assert inside == []  # ... but nothing inside the MLP ran
+    if counted:
+        assert calls[MLP] == 1  # the call happened (its hooks fire) ...
+        inside = [p for p in calls if p.startswith(MLP + ".")]
+        assert inside == []  # ... but nothing inside the MLP ran
     hf_mlp = local_llama._module.get_submodule(MLP)
     kept: list = []
     want = forward(

@@ -202,11 +202,9 @@ def gradients(model, remote) -> list[torch.Tensor]:
     return [seen, up, weight]
 
 
-@pytest.mark.parametrize("how", ["inproc", "socket"])
-def test_remote_gradients_equal_local(
-    how, local_llama, inproc_client, socket_client, served_llama
-) -> None:
-    client = {"inproc": inproc_client, "socket": socket_client}[how]
+@pytest.mark.parametrize("how", ["inproc", "socket", "process"])
+def test_remote_gradients_equal_local(how, local_llama, served_llama, request) -> None:
+    client = request.getfixturevalue(f"{how}_client")
     want = gradients(local_llama, False)
     local_llama._module.zero_grad(set_to_none=True)
     got = gradients(local_llama, client)

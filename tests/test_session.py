@@ -68,21 +68,21 @@ def test_a_sweep_in_one_session_equals_hooks(llama: lt.LanguageModel) -> None:
         torch.testing.assert_close(g, w)
 
 
-@pytest.mark.parametrize("how", ["inproc", "socket", "handle"])
+@pytest.mark.parametrize("how", ["inproc", "socket", "handle", "process"])
 def test_a_remote_session_equals_local_and_is_one_request(
-    how, local_llama, inproc_client, socket_client, llama_service
+    how, local_llama, inproc_client, llama_service, request
 ) -> None:
     want = sweep(local_llama, False)
     if how == "handle":
         model, remote = inproc_client.model(MODEL), False
     else:
-        model, remote = local_llama, {"inproc": inproc_client, "socket": socket_client}[how]
+        model, remote = local_llama, request.getfixturevalue(f"{how}_client")
     worker = llama_service.workers[MODEL]
     before = worker.served_count
     got = sweep(model, remote)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
-    if how != "socket":  # the socket server is another service
+    if how in ("inproc", "handle"):  # the other servers are other services
         assert worker.served_count == before + 1
 
 

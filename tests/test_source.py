@@ -230,9 +230,9 @@ def test_a_site_is_used_only_inside_a_trace(models):
 
 
 # -- remote ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("where", ["inproc", "socket"])
-def test_remote_equals_local(where, inproc_client, socket_client, local_llama):
-    handle = {"inproc": inproc_client, "socket": socket_client}[where].model(MODEL)
+@pytest.mark.parametrize("how", ["inproc", "socket", "process"])
+def test_remote_equals_local(how, local_llama, request):
+    handle = request.getfixturevalue(f"{how}_client").model(MODEL)
     values = []
     for lm in (local_llama, handle):
         with lm.trace(BATCH):

@@ -64,21 +64,25 @@ def test_a_steering_vector_trains_as_in_plain_pytorch(llama, optimizer) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)  # the weights did not move
 
 
-@pytest.mark.parametrize("how", ["inproc", "socket", "handle"])
-def test_remote_training_equals_local(
-    how, local_llama, inproc_client, socket_client, served_llama
-) -> None:
+@pytest.mark.parametrize("how", ["inproc", "socket", "handle", "process"])
+def test_remote_training_equals_local(how, local_llama, inproc_client, served_llama, request):
     want = steer(local_llama, False)
     if how == "handle":
         model, remote = inproc_client.model(MODEL), False
     else:
-        model, remote = local_llama, {"inproc": inproc_client, "socket": socket_client}[how]
+        model, remote = local_llama, request.getfixturevalue(f"{how}_client")
     weights = {k: v.clone() for k, v in served_llama.module.state_dict().items()}
     got = steer(model, remote)
     torch.testing.assert_close(got, want.detach())
     now = served_llama.module.state_dict()
     assert all(torch.equal(weights[k], now[k]) for k in weights)
     assert all(p.grad is None for p in served_llama.module.parameters())
+    if how == "process":  # that server's weights, shared with its worker process, are intact
+        with local_llama.trace(BATCH, remote=remote):
+            served = local_llama.output.logits.save()
+        with local_llama.trace(BATCH):
+            mine = local_llama.output.logits.save()
+        assert torch.equal(served, mine)
 
 
 def lora_loop(lm, remote) -> tuple[torch.Tensor, torch.Tensor]:
