@@ -82,7 +82,9 @@ def test_an_overrunning_op_is_killed_and_the_others_of_its_group_still_run(child
     good, bad = job_of(local_llama, patch, "alice"), job_of(local_llama, slow, "mallory")
     before = child.restarts
     started = time.monotonic()
-    got, failed = outcomes(child.run, [good, bad])
+    told: list[Job] = []  # the jobs told "running": those still running after a moment
+    got, failed = outcomes(lambda jobs, done: child.run(jobs, done, told.extend), [good, bad])
+    assert told == [good, bad]
     elapsed = time.monotonic() - started
     assert isinstance(failed, m.Failure)
     assert failed.error["type"] == "RemoteTimeout" and "--max-seconds" in failed.error["message"]

@@ -21,6 +21,7 @@ to the client as is. Only the process's arguments (the model, the limits) are pi
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import multiprocessing
 import os
@@ -50,6 +51,9 @@ LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
 #: Seconds a run may go past its deadline (it stops itself at the next op) before its process
 #: is killed.
 SLACK = 1.0
+#: Seconds after which the jobs of a forward still running are told so ("running"): most
+#: finish sooner, and their users hear only the result.
+RUNNING_AFTER = 0.05
 #: Reply frames of this many bytes or more (large saved tensors) reach the server through a
 #: memory file, mapped rather than copied through the pipe.
 SHARED_BYTES = 1 << 20
@@ -116,9 +120,10 @@ class ChildProcess:
             raise RuntimeError("the worker process did not start")
         self._ready = True
 
-    def run(self, jobs: list[Job], done: Any) -> None:
+    def run(self, jobs: list[Job], done: Any, slow: Any = None) -> None:
         """Run ``jobs`` as the worker thread's :meth:`.runner.Runner.run_group` would, in the
-        worker process; ``done(job, message)`` gets each outcome."""
+        worker process; ``done(job, message)`` gets each outcome, and ``slow(jobs)`` the jobs
+        still without one :data:`RUNNING_AFTER` s after the start (once)."""
         try:
             self._wait_ready()
             self._conn.send_bytes(msgpack.packb(["run", [[j.id, len(j.frames)] for j in jobs]]))
@@ -131,7 +136,7 @@ class ChildProcess:
                 done(job, m.Failure.of(job.id, RuntimeError(_LOST)))
             return
         pending = dict(enumerate(jobs))
-        stopped = self._collect(pending, done)
+        stopped = self._collect(pending, done, slow)
         if stopped is None:
             return
         if self.closed:  # killed past the shutdown's grace period
@@ -152,16 +157,23 @@ class ChildProcess:
             )
             done(job, m.Failure.of(job.id, error))
 
-    def _collect(self, pending: dict[int, Job], done: Any) -> str | None:
+    def _collect(self, pending: dict[int, Job], done: Any, slow: Any) -> str | None:
         """Pass on the outcomes of the group in flight; ``None`` once it finished, else why
         the process was stopped (``pending`` then holds the jobs without an outcome)."""
-        deadline = time.monotonic() + self.limits.max_seconds  # until the child says
+        now = time.monotonic()
+        deadline = now + self.limits.max_seconds  # until the child says
+        announce = now + RUNNING_AFTER if slow is not None else math.inf
         conn = self._conn
         while True:
-            wait = deadline + SLACK - time.monotonic()
+            now = time.monotonic()
+            if now >= announce:
+                slow(list(pending.values()))
+                announce = math.inf
+            if now >= deadline + SLACK:
+                return f"a run went {SLACK:g} s past its time limit"
             try:
-                if wait <= 0 or not conn.poll(wait):
-                    return f"a run went {SLACK:g} s past its time limit"
+                if not conn.poll(min(deadline + SLACK, announce) - now):
+                    continue
                 header = _unpack(conn.recv_bytes())
                 if header[0] == "deadline":
                     deadline = header[1]

@@ -123,13 +123,17 @@ class Worker(Runner):
             batching.conflicts(j.graph, job.graph) for j in group
         )
 
+    def _running(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self.done(job, m.Status(job.id, "running"))
+
     def run_batch(self, jobs: list[Job]) -> None:
         """Run ``jobs`` (compatible, see :meth:`_fits`) in one forward pass, or one alone."""
         jobs = [job for job in jobs if not job.cancelled]
         for job in jobs:
             job.started = time.monotonic()
-            self.done(job, m.Status(job.id, "running"))
         if self.child is None:
+            self._running(jobs)
             self.run_group(jobs)
             return
         self.served_count += len(jobs)
@@ -139,8 +143,8 @@ class Worker(Runner):
             answered.add(id(job))
             self.done(job, message)
 
-        try:
-            self.child.run(jobs, done)
+        try:  # a worker process tells "running" only to the jobs still running after a while
+            self.child.run(jobs, done, self._running)
         except Exception:  # the worker process could not even be restarted
             log.exception("the worker process of %s failed", self.served.name)
             for job in jobs:
