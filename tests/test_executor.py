@@ -402,3 +402,70 @@ def test_a_value_nothing_reads_is_freed_at_once(tiny_mlp: TinyMLP) -> None:
     executor = Executor(tiny_mlp, g, Batch((torch.randn(3, 8),), {}, 3))
     assert executor.run() == {}
     assert all(value is None for value in executor.values)
+
+
+# -- the drain's direct path for function nodes ---------------------------------------------------
+
+
+def chain_graph(n: int) -> Graph:
+    """``layer1.output`` then ``n`` small ops on it, the last saved: ``(B, 8)`` all along."""
+    graph = Graph()
+    h = graph.add("output", "layer1")
+    for i in range(n):
+        target, scalar = ("operator.mul", 1.5) if i % 2 else ("operator.add", 0.25)
+        h = graph.add("function", target, (Ref(h.id), scalar))
+    graph.save(h.id)
+    return graph
+
+
+def test_a_chain_of_small_ops_equals_the_same_ops_in_a_hook(tiny_mlp: TinyMLP) -> None:
+    def chain(module, args, out):
+        for i in range(6):
+            out = out * 1.5 if i % 2 else out + 0.25
+        kept.append(out)
+
+    kept: list[torch.Tensor] = []
+    x = inputs(2)
+    hooked(tiny_mlp, x, post=[(tiny_mlp.layer1, chain)])
+    graph = chain_graph(6)
+    exact(run(tiny_mlp, graph, x)[graph.saved[0]], kept[0])
+
+
+def test_a_subclass_that_watches_nodes_sees_every_function_node(tiny_mlp: TinyMLP) -> None:
+    class Watching(Executor):
+        def _run_node(self, i: int) -> None:
+            seen.append(i)
+            super()._run_node(i)
+
+    seen: list[int] = []
+    graph = chain_graph(4)
+    Watching(tiny_mlp, graph, Batch((inputs(2),), {}, 2)).run()
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_a_servers_memory_bound_checks_every_function_node(tiny_mlp, monkeypatch) -> None:
+    from lazytensor.runtime import bounds
+
+    checked: list[str] = []
+    monkeypatch.setattr(bounds, "check", lambda name, args, kwargs: checked.append(name))
+    token = bounds.MAX_BYTES.set(2**30)
+    try:
+        run(tiny_mlp, chain_graph(4), inputs(2))
+    finally:
+        bounds.MAX_BYTES.reset(token)
+    assert checked == ["operator.add", "operator.mul"] * 2
+
+
+def test_a_deadline_is_checked_before_each_function_node(tiny_mlp, monkeypatch) -> None:
+    checks: list[int] = []
+    monkeypatch.setattr(Executor, "_check_time", lambda self, *_: checks.append(1))
+    run(tiny_mlp, chain_graph(4), inputs(2), deadline=time.monotonic() + 60.0)
+    assert len(checks) >= 4  # each node, and each moment
+
+
+def test_a_failing_function_node_in_a_chain_is_named(tiny_mlp: TinyMLP) -> None:
+    graph = chain_graph(3)
+    bad = graph.add("function", "operator.matmul", (Ref(graph.saved[0]), Ref(graph.saved[0])))
+    with pytest.raises(NodeFailure) as caught:
+        run(tiny_mlp, graph, inputs(2))
+    assert caught.value.node == bad.id and isinstance(caught.value.error, RuntimeError)

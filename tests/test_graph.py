@@ -45,6 +45,21 @@ def test_add_numbers_nodes_and_keeps_sites() -> None:
     assert not any(graph.add(op, "x").is_point for op in g.COMPUTE)
 
 
+def test_add_call_makes_the_node_add_makes() -> None:
+    site = Site("experiment.py", 3)
+    fast, slow = g.Graph(), g.Graph()
+    for graph in (fast, slow):
+        graph.add("output", "layer1")
+        graph.add("output", "layer2")
+    cases = [((g.Ref(1), g.Ref(0)), (0, 1)), ((2.0, g.Ref(1)), (1,)), ((g.Ref(0), 2), (0,))]
+    for args, deps in cases:
+        i = fast.add_call("operator.mul", args, deps, site)
+        assert slow.add("function", "operator.mul", args, site=site).id == i
+    for got, want in zip(fast.nodes, slow.nodes, strict=True):
+        assert got == want and got.deps() == want.deps() and got.shape() == want.shape()
+    assert fast.sites == slow.sites and fast.structure_key() == slow.structure_key()
+
+
 def test_refs_in_argument_order_through_containers() -> None:
     node = g.Node(
         9,

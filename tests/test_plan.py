@@ -123,6 +123,16 @@ def test_deps_users_points_and_modules() -> None:
     }
     assert plan.modules == {"layer3"}
     assert plan.repeating == frozenset() and plan.mutating == frozenset()
+    assert plan.counts == ((0, 0, 2, 2, 1, 0, 0), (2, 1, 1, 1, 0, 0, 0))
+
+
+def test_roots_are_the_nodes_that_wait_for_nothing() -> None:
+    graph = Graph()
+    zeros = graph.add("function", "torch.zeros", (3,))  # 0: a factory
+    h = graph.add("output", "layer1")  # 1: waits for its moment
+    graph.add("function", "torch.add", (Ref(h.id), Ref(zeros.id)))  # 2
+    ones = graph.add("function", "torch.ones", (3,))  # 3
+    assert Plan.build(graph).roots == (zeros.id, ones.id)
 
 
 @pytest.mark.parametrize("op", ["input", "inputs", "set_input", "set_inputs"])

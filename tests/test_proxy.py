@@ -38,6 +38,9 @@ class Log:
         self.calls.append(("torch", func, args, kwargs))
         return "recorded"
 
+    def operator(self, target, a, b):  # Trace.operator: apply's fast path for operators
+        return self.apply("function", target, (a, b))
+
     def materialize(self, proxy, how):
         self.calls.append(("materialize", proxy._node))
         return how(self.value)
@@ -308,3 +311,12 @@ def test_a_strict_trace_refuses_materialization(tiny_mlp: TinyMLP) -> None:
     with pytest.raises(StrictModeError, match="strict"):
         with net.trace(torch.ones(2, 8), strict=True):
             bool(net.layer1.output.sum() > 0)
+
+
+def test_every_operator_a_proxy_records_is_allow_listed() -> None:
+    from lazytensor.core import ops
+    from lazytensor.tracing import trace
+
+    assert trace._ALLOWED_OPERATORS == {*ops.DUNDERS.values(), *ops.REFLECTED.values()}
+    for target in trace._ALLOWED_OPERATORS:
+        assert callable(ops.resolve_function(target))

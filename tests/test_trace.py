@@ -736,3 +736,88 @@ def test_a_trace_inside_another_models_trace(tiny_mlp: TinyMLP) -> None:
     )
     exact(hidden, seen["h"])
     exact(y, expected)
+
+
+# -- operators on proxies: the recording fast path ------------------------------------------------
+
+
+def test_operators_record_what_apply_records() -> None:
+    net, weight = lt.Model(TinyMLP()), torch.ones(16, 16)
+    with net.trace(inputs(2)) as tracer:
+        h = net.layer1.output
+        line = here() + 1
+        kept = [h * 2.0, 1 - h, h + h, h @ weight, h * h.sum(), 0.5**h]
+        for proxy in kept:
+            proxy.save()
+    nodes = tracer.graph.nodes
+    ref, const = lt.core.graph.Ref, lt.core.graph.Const
+    assert [(n.target, n.args, n.deps()) for n in nodes[1:]] == [
+        ("operator.mul", (ref(0), 2.0), (0,)),
+        ("operator.sub", (1, ref(0)), (0,)),
+        ("operator.add", (ref(0), ref(0)), (0,)),
+        ("operator.matmul", (ref(0), const(0)), (0,)),  # a tensor: recorded by apply
+        ("sum", (ref(0),), (0,)),
+        ("operator.mul", (ref(0), ref(5)), (0, 5)),
+        ("operator.pow", (0.5, ref(0)), (0,)),
+    ]
+    assert {(site.file, site.line) for site in tracer.graph.sites[1:]} == {(__file__, line)}
+    with torch.no_grad():
+        x = TinyMLP().layer1(inputs(2))  # (2, 16); the same seed, the same weights
+    expected = [x * 2.0, 1 - x, x + x, x @ weight, x * x.sum(), 0.5**x]
+    for proxy, value in zip(kept, expected, strict=True):
+        exact(proxy, value)
+
+
+def test_an_operator_that_fails_in_the_run_names_the_users_line() -> None:
+    net = lt.Model(TinyMLP())
+    with pytest.raises(RuntimeError) as caught, net.trace(inputs(2)):
+        h = net.layer1.output
+        line = here() + 1
+        bad = h @ h[:3]  # (2, 16) @ (2, 16)
+        bad.save()
+    where = f'test_trace.py:{line} "bad = h @ h[:3]  # (2, 16) @ (2, 16)"'
+    assert where in str(caught.value) and "cannot be multiplied" in str(caught.value)
+
+
+def test_the_garbage_collector_waits_while_a_block_is_open() -> None:
+    import gc
+
+    net, x = lt.Model(TinyMLP()), inputs(2)
+    assert gc.isenabled()
+    with net.trace(x):
+        inside = gc.isenabled()
+        with net.trace(x):  # a second block in the same thread
+            net.layer1.output.save()
+        after_inner = gc.isenabled()
+        net.layer1.output.save()
+    assert (inside, after_inner, gc.isenabled()) == (False, False, True)
+    with pytest.raises(KeyError), net.trace(inputs(2)):
+        raise KeyError("the block failed")
+    assert gc.isenabled()
+    gc.disable()  # the user's own choice is kept
+    try:
+        with net.trace(inputs(2)):
+            net.layer1.output.save()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_overlapping_blocks_of_threads_still_collect(monkeypatch) -> None:
+    import gc
+
+    from lazytensor.tracing import state
+
+    monkeypatch.setattr(state, "LONGEST_PAUSE", 0.0)
+    collected = []
+    gc.callbacks.append(lambda phase, info: collected.append(phase))
+    try:
+        net, x = lt.Model(TinyMLP()), inputs(2)
+        with net.trace(x):  # another thread's block, still open ...
+            with net.trace(x):  # ... when this one ends: it collects
+                net.layer1.output.save()
+            assert "start" in collected and not gc.isenabled()
+            net.layer1.output.save()
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.pop()

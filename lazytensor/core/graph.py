@@ -210,6 +210,20 @@ class Graph:
         self.sites.append(site)
         return node
 
+    def add_call(self, target: str, args: tuple, deps: tuple[int, ...], site: Site | None) -> int:
+        """Append ``function`` node ``target(*args)`` and return its id: :meth:`add` for the
+        recorder's operators (``h * 2.0``), whose reads ``deps`` (distinct, ascending) it
+        already knows; the node's :meth:`Node.shape` is filled in now, from those."""
+        nodes = self.nodes
+        i = len(nodes)
+        node = Node(i, "function", target, args, {}, 0, None)
+        node._deps = deps
+        first = args[0] if args else None
+        node._shape = ("function", target, deps, 0, first.id if type(first) is Ref else None, False)
+        nodes.append(node)
+        self.sites.append(site)
+        return i
+
     def constant(self, tensor: Any) -> Const:
         """Store ``tensor`` once (by identity) and return the argument that names it."""
         for index, known in enumerate(self.constants):

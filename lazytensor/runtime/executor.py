@@ -52,6 +52,15 @@ from .moments import RESULT_KEY, TOKENS_KEY, Sides, describe, rows_layout
 from .plan import GRAD, Plan
 from .session import Workspace
 
+#: Allow-listed function name -> what a replay calls (:func:`runnable_function`), filled as
+#: names are first run; a name outside the allow-list raises and is never added.
+_RUNNABLE: dict[str, Any] = {}
+
+
+def _runnable(name: str) -> Any:
+    fn = _RUNNABLE[name] = runnable_function(name)
+    return fn
+
 
 class _Stop(Exception):
     """Raised inside the forward once the value a materialization asked for exists."""
@@ -105,8 +114,8 @@ class Executor:
         self.kept = self.keep | self.repeating  # values never freed while the run lasts
         self.values: list[Any] = [None] * n
         self.done = [False] * n
-        self.waiting = [len(d) for d in self.deps]
-        self.pending_users = [len(u) for u in self.users]
+        self.waiting = list(plan.counts[0])  # per node, its inputs not computed yet
+        self.pending_users = list(plan.counts[1])  # per node, its readers still to run
         self.ran_at: dict[int, tuple] = {}
         self.heap: list[int] = []
         self.calls: dict[tuple[str, str], int] = dict.fromkeys(self.points, 0)
@@ -131,6 +140,9 @@ class Executor:
         self.watched_values: dict[int, Any] = {}  # ...and the tensor each hook is on
         self.backward_now: int | None = None  # the backward node running now
         self.deferred: list[int] = []  # backward nodes ready while another one ran
+        # A subclass that watches each node (a shape-only ledger, a schedule) gets every one
+        # through _run_node; the drain's direct path for function nodes is this class's own.
+        self._quick = type(self)._run_node is Executor._run_node
         collect = fake_mode is None and stop_at is None
         ranged = calls.per_call(graph, self.repeating, graph.saved) if collect else ()
         self.collected: dict[int, list] = {i: [] for i in ranged}
@@ -161,9 +173,7 @@ class Executor:
             with grad_mode, weights, mode:
                 runs = fake.runs(self.batch, self.fake_mode) if self.fake_mode else [self.batch]
                 try:
-                    self._schedule(
-                        i for i, w in enumerate(self.waiting) if w == 0 and i not in self.key_of
-                    )
+                    self._schedule(self.plan.roots)
                     self._drain()
                     for batch in runs:
                         self.current = self._call_model(batch)
@@ -306,14 +316,40 @@ class Executor:
             heapq.heappush(self.heap, i)
 
     def _drain(self) -> None:
-        heap, done = self.heap, self.done
+        """Run every ready node, in recording order.
+
+        A ``function`` node that writes into nothing runs here directly: the same call that
+        :meth:`function` makes, without the per-node method lookups (research code records
+        thousands of these). Anything else, and every node of a run with a deadline or a
+        server's memory bound (whose checks run per node), goes through :meth:`_run_node`."""
+        heap, done, nodes, values = self.heap, self.done, self.graph.nodes, self.values
+        quick = self._quick and self.deadline is None and not self.bounded
+        mutating, plain, resolve_arg = self.mutating, SCALARS, self._value
         while heap:
             i = heapq.heappop(heap)
-            if not done[i]:
-                if self.backward_now is not None and i in self.plan.backwards:
-                    self.deferred.append(i)  # one backward pass at a time: after this one
-                    continue
+            if done[i]:
+                continue
+            if self.backward_now is not None and i in self.plan.backwards:
+                self.deferred.append(i)  # one backward pass at a time: after this one
+                continue
+            node = nodes[i]
+            if not quick or node.op != "function" or i in mutating:
                 self._run_node(i)
+                continue
+            try:
+                fn = _RUNNABLE.get(node.target) or _runnable(node.target)
+                args = []
+                for a in node.args:
+                    kind = type(a)
+                    args.append(
+                        values[a.id] if kind is Ref else a if kind in plain else resolve_arg(a)
+                    )
+                value = fn(*args, **resolve_arg(node.kwargs)) if node.kwargs else fn(*args)
+            except (_Stop, NodeFailure):
+                raise
+            except Exception as exc:
+                raise self._failure(i, exc) from exc
+            self._ran(i, value)
 
     def _run_node(self, i: int) -> None:
         if self.deadline is not None:  # between every two nodes: a chain of big ops stops too
@@ -324,14 +360,22 @@ class Executor:
         except (_Stop, NodeFailure):
             raise
         except Exception as exc:
-            if self.fake_mode is not None and fake.is_data_dependent(exc):
-                raise NodeFailure(
-                    i,
-                    exc,
-                    "this op's output shape depends on tensor values, "
-                    "so it is unknown inside the trace; use it after the trace",
-                ) from exc
-            raise NodeFailure(i, exc) from exc
+            raise self._failure(i, exc) from exc
+        self._ran(i, value)
+
+    def _failure(self, i: int, exc: Exception) -> NodeFailure:
+        if self.fake_mode is not None and fake.is_data_dependent(exc):
+            return NodeFailure(
+                i,
+                exc,
+                "this op's output shape depends on tensor values, "
+                "so it is unknown inside the trace; use it after the trace",
+            )
+        return NodeFailure(i, exc)
+
+    def _ran(self, i: int, value: Any) -> None:
+        """Node ``i`` gave ``value``: keep it, free what no one reads now, and schedule the
+        nodes whose last missing input it was."""
         values = self.values
         values[i] = value
         self.done[i] = True
@@ -485,7 +529,7 @@ class Executor:
         args, kwargs = self._args(node)
         if self.bounded:  # on a server: bounded before it runs
             return call_function(node, args, kwargs)
-        return runnable_function(node.target)(*args, **kwargs)  # call_function, inlined
+        return (_RUNNABLE.get(node.target) or _runnable(node.target))(*args, **kwargs)
 
     def method(self, node: Node) -> Any:
         if node.id in self.mutating:

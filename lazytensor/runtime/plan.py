@@ -47,6 +47,10 @@ class Plan:
         modules: module paths called by ``module`` nodes.
         backwards: per ``backward`` node, the nodes whose gradients it reads or replaces.
         weights: ``weight`` nodes (model parameters and buffers: never written).
+        roots: the nodes that read nothing and wait for no moment (factories): they run
+            before the forward starts.
+        counts: per node, ``(len(deps), len(users))``, as two tuples: what a run's counters of
+            inputs still missing and of readers still to come start from.
     """
 
     deps: tuple[tuple[int, ...], ...]
@@ -59,6 +63,8 @@ class Plan:
     modules: frozenset[str]
     backwards: dict[int, tuple[int, ...]]
     weights: frozenset[int]
+    roots: tuple[int, ...]
+    counts: tuple[tuple[int, ...], tuple[int, ...]]
 
     _cache: ClassVar[OrderedDict[tuple, Plan]] = OrderedDict()
     CACHE_SIZE: ClassVar[int] = 256
@@ -69,7 +75,7 @@ class Plan:
         planned = graph.planned
         if planned is not None and planned[0] == len(graph.nodes):
             return planned[1]
-        key = tuple([node.shape() for node in graph.nodes])
+        key = tuple([node._shape or node.shape() for node in graph.nodes])
         cache = cls._cache
         plan = cache.get(key)
         if plan is None:
@@ -140,4 +146,6 @@ class Plan:
             frozenset(modules),
             {b: tuple(dict.fromkeys(t)) for b, t in backwards.items()},
             frozenset(weights),
+            tuple(i for i in range(n) if not deps[i] and i not in key_of),
+            (tuple(map(len, deps)), tuple(map(len, users))),
         )

@@ -158,7 +158,7 @@ def _binary(name: str):
     target = ops.DUNDERS[name]
 
     def method(self: Proxy, other: Any) -> Any:
-        return self._trace.apply("function", target, (self, other))
+        return self._trace.operator(target, self, other)
 
     method.__name__ = name
     return method
@@ -168,7 +168,7 @@ def _reflected(name: str):
     target = ops.REFLECTED[name]
 
     def method(self: Proxy, other: Any) -> Any:
-        return self._trace.apply("function", target, (other, self))
+        return self._trace.operator(target, other, self)
 
     method.__name__ = name
     return method

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +35,7 @@ from ..core import ops, tree
 from ..core.errors import NodeFailure, StrictModeError, TraceError, at_site
 from ..core.graph import Batch, Graph, Node, ref
 from ..core.site import Site, user_frame
+from ..core.site import at as _site_at
 from ..core.site import here as _site
 from ..runtime.evaluate import evaluate
 from . import cache as caches
@@ -47,7 +49,7 @@ from .proxy import Method, Proxy
 from .publish import publish
 from .recorder import Recorder, record_python, record_torch
 from .shapes import Shapes
-from .state import Inputs, State, current, enter, leave
+from .state import Inputs, State, current, enter, leave, pause_collector, resume_collector
 from .steps import Selection, Steps
 
 log = logging.getLogger("lazytensor")
@@ -60,6 +62,9 @@ _VALUE_METHODS = frozenset(("item", "tolist", "numpy"))
 _PLAIN_ARGS = frozenset((int, float, bool, str, type(None)))
 #: ``(op, target)`` pairs already checked against the allow-list (the check raises otherwise).
 _ALLOWED: set[tuple[str, str]] = set()
+#: The functions Python's operators on a proxy mean (all allow-listed: ``tests/test_proxy.py``).
+_ALLOWED_OPERATORS = frozenset((*ops.DUNDERS.values(), *ops.REFLECTED.values()))
+_getframe = sys._getframe
 
 
 def _check_op(op: str, target: str) -> None:
@@ -136,9 +141,16 @@ class Trace:
         self._token = enter(self)
         self._mode = Recorder(self)
         self._mode.__enter__()
+        pause_collector()  # until __exit__ has run the graph (see .state)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self._exit(exc_type, exc, tb)
+        finally:
+            resume_collector()
+
+    def _exit(self, exc_type, exc, tb) -> bool:
         self._mode.__exit__(exc_type, exc, tb)
         self._mode = None  # it refers back to this trace: free the trace without the gc
         leave(self._token)
@@ -336,6 +348,37 @@ class Trace:
         # the reads were collected while converting: no second walk
         node._deps = (refs[0],) if len(refs) == 1 else tuple(sorted(set(refs)))
         return Proxy.of(self, node.id)
+
+    def operator(self, target: str, a: Any, b: Any) -> Any:
+        """Record ``target(a, b)``, a Python operator on a proxy (``h * 2.0``, ``1 - h``).
+
+        What :meth:`apply` does, on the path that research loops take thousands of times: two
+        arguments, each a proxy of this trace or a plain scalar, no keywords, and the user's
+        line two frames up. Anything else takes :meth:`apply`."""
+        kind_a, kind_b = type(a), type(b)
+        if kind_a is Proxy and a._trace is self:
+            x = ref(a._node)
+        elif kind_a in _PLAIN_ARGS:
+            x = None
+        else:
+            return self.apply("function", target, (a, b))
+        if kind_b is Proxy and b._trace is self:
+            y = ref(b._node)
+        elif kind_b in _PLAIN_ARGS:
+            y = None
+        else:
+            return self.apply("function", target, (a, b))
+        if self.state is not State.RECORDING or target not in _ALLOWED_OPERATORS:
+            return self.apply("function", target, (a, b))
+        if x is None:
+            deps = () if y is None else (y.id,)
+        elif y is None or x.id == y.id:
+            deps = (x.id,)
+        else:
+            deps = (x.id, y.id) if x.id < y.id else (y.id, x.id)
+        args = (a if x is None else x, b if y is None else y)
+        i = self.graph.add_call(target, args, deps, _site_at(_getframe(2)))
+        return Proxy.of(self, i)
 
     def _apply_outside(self, op: str, target: str, args: tuple, kwargs: dict | None) -> Any:
         """``apply`` once the block has ended: in an open session, record where the session
