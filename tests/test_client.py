@@ -13,14 +13,16 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
+import zmq
 from torch._subclasses.fake_tensor import FakeTensor
 
 from lazytensor.backends.base import JobState, RunRequest
 from lazytensor.backends.client import Connection
-from lazytensor.backends.transport import InProcessTransport
+from lazytensor.backends.transport import InProcessTransport, ZmqTransport
 from lazytensor.core.errors import (
     LimitExceeded,
     NodeFailure,
@@ -511,3 +513,50 @@ def test_cancel_of_a_job_queued_behind_another() -> None:
     finally:
         gate.opened.set()
         service.shutdown(grace=5.0)
+
+
+# -- the ZeroMQ transport ---------------------------------------------------------------------
+@pytest.fixture
+def router() -> Iterator[tuple[Any, str]]:
+    context = zmq.Context.instance()
+    socket = context.socket(zmq.ROUTER)
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    yield socket, f"tcp://127.0.0.1:{port}"
+    socket.close(0)
+
+
+def test_zmq_transport_waits_up_to_its_timeout_then_returns_nothing(router) -> None:
+    socket, address = router
+    transport = ZmqTransport(address)
+    try:
+        assert transport.recv(0.0) is None
+        started = time.monotonic()
+        assert transport.recv(0.2) is None
+        assert 0.15 < time.monotonic() - started < 5.0
+        transport.send([b"LZT\x01", b"hello"])
+        assert socket.poll(5000)
+        peer, *frames = socket.recv_multipart()
+        assert frames == [b"LZT\x01", b"hello"]
+        socket.send_multipart([peer, b"a", b"b"])
+        got = transport.recv(5.0)  # a reply ends the wait at once
+        assert [bytes(f.buffer) for f in got] == [b"a", b"b"]
+        assert transport.recv(0.0) is None  # and the timeout changes back
+    finally:
+        transport.close()
+
+
+def test_zmq_transport_sends_without_polling_when_the_socket_has_room(router) -> None:
+    socket, address = router
+    transport = ZmqTransport(address)
+    try:
+
+        def no_poll(*args: Any) -> int:
+            raise AssertionError("a send with room polled first")
+
+        transport._socket.poll = no_poll
+        transport.send([b"LZT\x01", memoryview(bytes(range(200)) * 400)])  # over zmq's copy size
+        assert socket.poll(5000)
+        _, version, data = socket.recv_multipart()
+        assert version == b"LZT\x01" and data == bytes(range(200)) * 400
+    finally:
+        transport.close()

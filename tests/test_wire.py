@@ -186,6 +186,66 @@ def test_zmq_frames_round_trip_over_a_socket():
     assert torch.equal(body["t"], tensor) and body["i"] == (0, ...)
 
 
+class Received:
+    """Shaped like a received ``zmq.Frame``: its bytes are a writable ``.buffer``."""
+
+    def __init__(self, data: bytearray, offset: int = 0) -> None:
+        self.buffer = memoryview(data)[offset:]
+
+
+def address(buffer) -> int:
+    return torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+
+
+def test_a_received_frame_is_adopted_and_an_unaligned_one_copied():
+    tensor = torch.arange(6, dtype=torch.float64)
+    version, header, data = encode("result", {"t": tensor})
+    aligned = Received(bytearray(data))
+    got = decode([version, header, aligned]).body["t"]
+    assert got.data_ptr() == address(aligned.buffer)  # no copy: the tensor is the frame
+    assert torch.equal(got, tensor)
+
+    unaligned = Received(bytearray(1) + bytearray(data), offset=1)
+    assert address(unaligned.buffer) % 8
+    got = decode([version, header, unaligned]).body["t"]
+    assert got.data_ptr() != address(unaligned.buffer) and got.data_ptr() % 8 == 0
+    assert torch.equal(got, tensor)
+
+
+@pytest.mark.parametrize("dtype", list(wire.DTYPES.values()), ids=str)
+def test_a_copied_tensor_is_aligned_to_its_elements(dtype):
+    tensor = torch.zeros(3, 5, dtype=dtype)
+    got = decode([bytes(f) for f in encode("result", {"t": tensor})]).body["t"]
+    assert got.dtype == dtype and got.shape == (3, 5)
+    assert got.data_ptr() % min(dtype.itemsize, 16) == 0 and got.is_contiguous()
+
+
+@pytest.mark.parametrize(
+    ("value", "fits"),
+    [
+        ([[[]]], True),
+        ([[[1]]], False),
+        ([[{}]], True),
+        ([[{"x": 1}]], False),
+        ({"a": {"b": 1}}, True),
+        ({"a": {"b": {"c": 1}}}, False),
+        ((1,), True),
+        (((1,),), True),
+        ((((1,),),), False),
+    ],
+    ids=repr,
+)
+def test_the_depth_limit_counts_every_level_including_plain_leaves(value, fits):
+    limits = Limits(max_depth=3)  # body 0, "v" 1: a leaf at depth 4 is one too deep
+    if fits:
+        assert decode(encode("run", {"v": value}, limits=limits), limits=limits).body["v"] == value
+        return
+    with pytest.raises(ValueError, match="max_depth"):
+        encode("run", {"v": value}, limits=limits)
+    with pytest.raises(ProtocolError, match="max_depth"):
+        decode(encode("run", {"v": value}), limits=limits)
+
+
 # --- records ---------------------------------------------------------------------------------
 
 

@@ -263,7 +263,8 @@ class RemoteJob:
         mail[self.id] = []
         end = time.monotonic() + timeout
         while not self._finished():
-            frames = transport.recv(max(0.0, end - time.monotonic()))
+            # a whole slice, or nothing once it is over: the transport's timeout rarely changes
+            frames = transport.recv(timeout if time.monotonic() < end else 0.0)
             if frames is None:
                 break
             got = True

@@ -42,11 +42,13 @@ class ZmqTransport:
         self.curve = curve
         self._zmq = zmq
         self._context = zmq.Context.instance()
+        self._wait_ms = -1  # the socket's receive timeout (RCVTIMEO), set only when it changes
         self._socket = self._connect()
 
     def _connect(self) -> Any:
         socket = self._context.socket(self._zmq.DEALER)
         socket.setsockopt(self._zmq.LINGER, 0)
+        self._wait_ms = -1
         if self.curve is not None:
             server, public, secret = self.curve
             socket.setsockopt(self._zmq.CURVE_SERVERKEY, server)
@@ -64,14 +66,27 @@ class ZmqTransport:
         (:meth:`~lazytensor.backends.client.Connection.no_answer`).
         """
         zmq = self._zmq
+        try:  # the common case, a connection with room: no poll before the send
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return
+        except zmq.Again:
+            pass
         if self._socket.poll(SEND_WAIT_MS, zmq.POLLOUT):
             with contextlib.suppress(zmq.Again):
                 self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
 
     def recv(self, timeout: float) -> list | None:
-        if not self._socket.poll(int(timeout * 1000)):
+        """A blocking receive bounded by the socket's RCVTIMEO, not a poll then a receive: one
+        call into ZeroMQ per reply. The option is set only when ``timeout`` changes (a client
+        waits in slices of one length)."""
+        wait_ms = max(0, int(timeout * 1000))
+        if wait_ms != self._wait_ms:
+            self._socket.setsockopt(self._zmq.RCVTIMEO, wait_ms)
+            self._wait_ms = wait_ms
+        try:
+            return self._socket.recv_multipart(copy=False)
+        except self._zmq.Again:
             return None
-        return self._socket.recv_multipart(copy=False)
 
     def reconnect(self) -> None:
         """A fresh socket (a new identity): used after a lost connection."""

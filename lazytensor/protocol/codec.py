@@ -41,13 +41,11 @@ another :data:`PROTOCOL_VERSION`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import numpy as np
 import torch
 
 from ..core.errors import ProtocolError
@@ -59,7 +57,6 @@ from .values import (
     VERSION_FRAME,
     _Decoder,
     _Encoder,
-    _is_int,
     _malformed,
     _unpack,
 )
@@ -73,6 +70,9 @@ class Limits:
     max_header_bytes: int = 64 << 20
     max_total_bytes: int = 4 << 30
     max_depth: int = 64
+
+
+_DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +103,7 @@ def encode(kind: str, body: dict, *, limits: Limits | None = None) -> list[bytes
     >>> decode(frames).body["index"]
     (0, slice(None, 3, None))
     """
-    limits = limits or Limits()
+    limits = limits or _DEFAULT_LIMITS
     if not isinstance(kind, str) or type(body) is not dict:
         raise TypeError(
             f"encode takes a str kind and a dict body, got {type(kind).__name__} and "
@@ -127,13 +127,14 @@ def decode(frames: Sequence[Any], *, limits: Limits | None = None) -> Message:
     Raises:
         ProtocolError: the message is malformed, too large, or from another protocol version.
     """
-    limits = limits or Limits()
+    limits = limits or _DEFAULT_LIMITS
     if not frames:
         raise ProtocolError("empty message: expected a version frame and a header frame")
-    _check_version(_buffer(frames[0], 0))
+    views = [_buffer(frames[0], 0)]
+    _check_version(views[0])
     if len(frames) < 2:
         raise ProtocolError("message has a version frame but no header frame after it")
-    views = [_buffer(frame, index) for index, frame in enumerate(frames)]
+    views += [_buffer(frames[index], index) for index in range(1, len(frames))]
     _check_sizes(views, limits, ProtocolError)
     kind, body, specs = _split_header(_unpack(views[1], "header"))
     if len(views) != len(specs) + 2:
@@ -141,52 +142,67 @@ def decode(frames: Sequence[Any], *, limits: Limits | None = None) -> Message:
             f"message has {len(views)} frames but its header describes {len(specs)} tensors, "
             f"expected {len(specs) + 2} frames (version, header, one per tensor)"
         )
-    owned = [hasattr(frame, "buffer") for frame in frames[2:]]  # a received zmq.Frame
-    pairs = enumerate(zip(specs, views[2:], owned, strict=True))
-    tensors = [_tensor_from_frame(spec, view, i, own) for i, (spec, view, own) in pairs]
+    tensors = [  # a received zmq.Frame (it has .buffer) is adopted, other bytes are copied
+        _tensor_from_frame(spec, views[i + 2], i, hasattr(frames[i + 2], "buffer"))
+        for i, spec in enumerate(specs)
+    ]
     return Message(kind, _Decoder(tensors, limits.max_depth).value(body, 0), PROTOCOL_VERSION)
+
+
+_SPEC_KEYS = frozenset(("dtype", "shape", "nbytes"))
 
 
 def _tensor_from_frame(spec: Any, view: memoryview, index: int, adopt: bool) -> torch.Tensor:
     what = f"tensor {index} (frame {index + 2})"
-    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "nbytes"}:
+    if type(spec) is not dict or spec.keys() != _SPEC_KEYS:
         raise _malformed(f"{what}'s header", spec, '{"dtype", "shape", "nbytes"}')
     name, shape, nbytes = spec["dtype"], spec["shape"], spec["nbytes"]
-    if not isinstance(name, str) or name not in DTYPES:
+    dtype = DTYPES.get(name) if type(name) is str else None
+    if dtype is None:
         raise _malformed(f"{what}'s dtype", name, f"one of {', '.join(DTYPES)}")
-    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+    if type(shape) is not list or len(shape) > MAX_RANK:
         raise _malformed(f"{what}'s shape", shape, f"a list of at most {MAX_RANK} sizes")
-    if not all(_is_int(d) and d >= 0 for d in shape) or _strides_overflow(shape):
+    numel = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            numel = -1
+            break
+        numel *= d
+    if numel < 0 or _strides_overflow(shape):
         raise _malformed(f"{what}'s shape", shape, "non-negative int sizes, strides in int64")
-    dtype = DTYPES[name]
-    expected = math.prod(shape) * dtype.itemsize
+    expected = numel * dtype.itemsize
     if nbytes != expected or len(view) != expected:
         raise ProtocolError(
             f"{what} claims {nbytes!r} bytes and its frame has {len(view)}, but shape {shape} "
             f"of {name} needs {expected}; the sender built a corrupt message"
         )
-    out = _adopt(view, dtype.itemsize) if expected and adopt else None
+    if not expected:
+        return torch.empty(shape, dtype=dtype)
+    out = _adopt(view, dtype) if adopt else None
     if out is None:  # the caller's bytes, or unaligned: one copy into memory of its own
-        out = torch.empty(expected, dtype=torch.uint8)
-        out.numpy()[:] = np.frombuffer(view, dtype=np.uint8)
-    if dtype == torch.bool and expected and int(out.max()) > 1:
+        out = torch.frombuffer(bytearray(view), dtype=dtype)  # malloc: 16-byte aligned
+    if dtype is torch.bool and int(out.view(torch.uint8).max()) > 1:
         raise _malformed(f"{what}'s bool data", "a byte > 1", "only 0 and 1")
-    return out.view(dtype).reshape(shape)
+    return out.reshape(shape)
 
 
 def _strides_overflow(shape: list[int]) -> bool:
     """Whether torch would overflow int64 laying out ``shape`` (an empty tensor's other sizes
     still count: ``[0, 2**63]`` holds no bytes, yet torch cannot make it)."""
-    return math.prod(max(d, 1) for d in shape) >= 2**63
+    span = 1
+    for d in shape:
+        span *= d or 1
+    return span >= 2**63
 
 
-def _adopt(view: memoryview, itemsize: int) -> torch.Tensor | None:
+def _adopt(view: memoryview, dtype: torch.dtype) -> torch.Tensor | None:
     """A received ``zmq.Frame``'s own memory as a tensor, when it is writable and aligned to
     its elements (libzmq keeps message data 8-byte aligned): no copy, and the tensor keeps the
     frame alive. Other buffers (the caller's bytes) are copied: a tensor never aliases them."""
-    if view.readonly or np.frombuffer(view, dtype=np.uint8).ctypes.data % min(itemsize, 8):
+    if view.readonly:
         return None
-    return torch.frombuffer(view, dtype=torch.uint8)
+    out = torch.frombuffer(view, dtype=dtype)
+    return None if out.data_ptr() % min(dtype.itemsize, 8) else out
 
 
 def _split_header(header: Any) -> tuple[str, dict, list]:
@@ -215,6 +231,13 @@ def _check_version(view: memoryview) -> None:
 
 
 def _check_sizes(frames: Sequence, limits: Limits, error: type) -> None:
+    header = len(frames[1]) if len(frames) > 1 else 0
+    if (
+        len(frames) <= limits.max_frames
+        and header <= limits.max_header_bytes
+        and sum(map(len, frames)) <= limits.max_total_bytes
+    ):
+        return
     sizes = (
         ("frame count", len(frames), "max_frames"),
         ("header size in bytes", len(frames[1]) if len(frames) > 1 else 0, "max_header_bytes"),
@@ -238,4 +261,4 @@ def _buffer(frame: Any, index: int) -> memoryview:
         ) from None
     if not view.c_contiguous:
         raise ProtocolError(f"frame {index} is not contiguous memory; pass each frame's bytes")
-    return view.cast("B")
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")

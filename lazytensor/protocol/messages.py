@@ -24,7 +24,8 @@ Graphs travel as ``{"nodes": [[id, op, target, args, kwargs, call, rows], ...], 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -87,24 +88,34 @@ def decode_graph(data: Any, constants: Sequence[torch.Tensor] | None = None) -> 
 
 
 def _decode_node(item: Any, position: int, n_consts: int) -> Node:
-    if not isinstance(item, list) or len(item) != 7:
+    if type(item) is not list or len(item) != 7:
         raise _malformed(f"node {position}", item, "[id, op, target, args, kwargs, call, rows]")
     node_id, op, target, args, kwargs, call, rows = item
-    pair = isinstance(rows, (tuple, list)) and len(rows) == 2 and all(map(_is_int, rows))
-    checks = (
-        ("id", node_id, _is_int(node_id) and node_id == position, f"{position}, counting from 0"),
-        ("op", op, isinstance(op, str) and op in OPS, f"one of {sorted(OPS)}"),
-        ("target", target, isinstance(target, str), "a str"),
-        ("args", args, isinstance(args, tuple), "a tuple"),
-        ("kwargs", kwargs, isinstance(kwargs, dict) and all(map(_is_str, kwargs)), "str keys"),
-        ("call", call, _is_call(call), f"an int >= {EVERY_CALL} or (start, stop|nil, step)"),
-        ("rows", rows, rows is None or (pair and 0 <= rows[0] <= rows[1]), "None or (a, b)"),
-    )
-    for name, got, ok, expected in checks:
-        if not ok:
-            raise _malformed(f"node {position}'s {name}", got, expected)
-    _check_args((args, kwargs), position, n_consts)
-    return Node(node_id, op, target, args, kwargs, call, None if rows is None else tuple(rows))
+    if not (_is_int(node_id) and node_id == position):
+        raise _bad_node(position, "id", node_id, f"{position}, counting from 0")
+    if not (isinstance(op, str) and op in OPS):
+        raise _bad_node(position, "op", op, f"one of {sorted(OPS)}")
+    if not isinstance(target, str):
+        raise _bad_node(position, "target", target, "a str")
+    if not isinstance(args, tuple):
+        raise _bad_node(position, "args", args, "a tuple")
+    if not (isinstance(kwargs, dict) and all(map(_is_str, kwargs))):
+        raise _bad_node(position, "kwargs", kwargs, "str keys")
+    if not (type(call) is int and call >= EVERY_CALL) and not _is_call(call):
+        expected = f"an int >= {EVERY_CALL} or (start, stop|nil, step)"
+        raise _bad_node(position, "call", call, expected)
+    if rows is not None:
+        pair = isinstance(rows, (tuple, list)) and len(rows) == 2 and all(map(_is_int, rows))
+        if not (pair and 0 <= rows[0] <= rows[1]):
+            raise _bad_node(position, "rows", rows, "None or (a, b)")
+        rows = tuple(rows)
+    if args or kwargs:
+        _check_args((args, kwargs), position, n_consts)
+    return Node(node_id, op, target, args, kwargs, call, rows)
+
+
+def _bad_node(position: int, name: str, got: Any, expected: str) -> ProtocolError:
+    return _malformed(f"node {position}'s {name}", got, expected)
 
 
 def _is_call(call: Any) -> bool:
@@ -122,6 +133,9 @@ def _is_call(call: Any) -> bool:
 
 def _check_args(value: Any, node_id: int, n_consts: int) -> None:
     """Every Ref names an earlier node, every Const an existing constant; no bare tensors."""
+    args, kwargs = value
+    if all(type(a) is Ref and 0 <= a.id < node_id for a in args) and not kwargs:
+        return  # the common case, a node that reads earlier nodes, without the walk below
     for leaf in tree.leaves(value):
         if isinstance(leaf, Ref) and not 0 <= leaf.id < node_id:
             raise ProtocolError(
@@ -157,22 +171,40 @@ class Message:
     id: str | None = None
 
     def body(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name, _, _ in _fields(type(self))}
 
     @classmethod
     def from_body(cls, body: dict) -> Message:
         """The message a peer's ``body`` describes; a field whose default is a str, bool, list,
         dict (or a graph or batch, decoded by the subclass) must hold one."""
         values = {"id": _reply_id(body, cls.KIND)}
-        for f in fields(cls):
-            if f.name == "id":
+        for name, default, kind in _fields(cls):
+            if name == "id":
                 continue
-            default = f.default_factory() if f.default is MISSING else f.default
-            value = values[f.name] = body.get(f.name, default)
-            if default is not None and type(value) is not type(default):
-                what = f"the {f.name!r} of a {cls.KIND!r} message"
-                raise _malformed(what, value, f"a {type(default).__name__}")
+            value = values[name] = body[name] if name in body else default()
+            if kind is not None and type(value) is not kind:
+                what = f"the {name!r} of a {cls.KIND!r} message"
+                raise _malformed(what, value, f"a {kind.__name__}")
         return cls(**values)
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[str, Callable[[], Any], type | None], ...]:
+    """Each field of a message class: its name, a maker of its default, the default's type
+    (``None`` when the default is ``None``: then any value passes here)."""
+    out = []
+    for f in fields(cls):
+        if f.default is MISSING:
+            make = f.default_factory
+        else:
+            make = functools.partial(_same, f.default)
+        default = make()
+        out.append((f.name, make, None if default is None else type(default)))
+    return tuple(out)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 @dataclass(frozen=True)

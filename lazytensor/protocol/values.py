@@ -21,7 +21,7 @@ import msgpack
 import torch
 
 from ..core.errors import ProtocolError
-from ..core.graph import Const, Ref
+from ..core.graph import Const, Ref, ref
 
 PROTOCOL_VERSION = 1
 MAGIC = b"LZT"
@@ -44,6 +44,10 @@ _MAX_FIELDS = 64
 
 _SHORT = reprlib.Repr()  # elides long lists, dicts and strings in error messages
 _INT_RANGE = range(-(2**63), 2**64)  # what a msgpack integer can hold
+#: Types that travel as they are, by exact type: the encoder's and decoder's fast paths (a
+#: subclass, or an int, takes the checked path).
+_AS_IS = frozenset((type(None), bool, float, str, bytes))
+_new_tuple = tuple.__new__
 _SUPPORTED = (
     "None, bool, int, float, str, bytes, list, dict (str or int keys), tuple, slice, Ellipsis, "
     "Ref, Const, torch.dtype, torch.device, torch.Size, torch.Tensor, and mappings or "
@@ -95,6 +99,7 @@ class _Encoder:
         self.frames: list[memoryview] = []
         self._index: dict[int, int] = {}  # id(tensor) -> frame; a tensor sent twice goes once
         self._keep: list[torch.Tensor] = []  # keeps those ids from being reused
+        self._pack = msgpack.Packer().pack  # one packer for every extension payload
 
     def value(self, v: Any, depth: int) -> Any:
         if depth > self.max_depth:
@@ -102,31 +107,62 @@ class _Encoder:
                 f"value nests deeper than Limits.max_depth={self.max_depth}; flatten it, "
                 "or raise the limit on both sides (a cycle never fits)"
             )
+        kind = type(v)  # exact types first: most of a body is plain data
+        if kind in _AS_IS:
+            return v
+        if kind is int:
+            return _int_value(v)
+        if kind is list:
+            return self.items(v, depth)
+        if kind is dict:
+            if depth >= self.max_depth and v:  # its items would be too deep: say so
+                return {_key(k): self.value(x, depth + 1) for k, x in v.items()}
+            value = self.value
+            return {
+                (k if type(k) is str else _key(k)): x if type(x) in _AS_IS else value(x, depth + 1)
+                for k, x in v.items()
+            }
+        if kind is tuple:
+            return self.ext(TUPLE, self.items(v, depth))
+        if kind is Ref:
+            return self.ext(REF, _int_value(v.id))
+        return self.other(v, kind, depth)
+
+    def items(self, v: Any, depth: int) -> list:
+        value = self.value
+        if depth >= self.max_depth:  # every item is too deep: the first one says so
+            return [value(x, depth + 1) for x in v]
+        return [x if type(x) in _AS_IS else value(x, depth + 1) for x in v]
+
+    def ext(self, code: int, payload: Any) -> msgpack.ExtType:
+        # ExtType's own constructor only checks what holds here (a code below 128, bytes)
+        return _new_tuple(msgpack.ExtType, (code, self._pack(payload)))
+
+    def other(self, v: Any, kind: type, depth: int) -> Any:
+        """The value of a type other than plain data, a tuple or a ``Ref``, or a subclass."""
         if v is None or isinstance(v, (bool, float, str, bytes)):
             return v
         if isinstance(v, int):
             return _int_value(v)
         if isinstance(v, torch.Tensor):
-            return _ext(TENSOR, self.tensor(v))
+            return self.ext(TENSOR, self.tensor(v))
         if isinstance(v, torch.Size):
-            return _ext(SIZE, [int(d) for d in v])
+            return self.ext(SIZE, [int(d) for d in v])
         if isinstance(v, tuple):
-            items = [self.value(x, depth + 1) for x in v]
-            fields = getattr(type(v), "__match_args__", None)  # namedtuple, torch.return_types
-            if type(v) is not tuple and fields is not None and len(fields) == len(v):
-                payload = [type(v).__name__, list(fields), items]
+            items = self.items(v, depth)
+            fields = getattr(kind, "__match_args__", None)  # namedtuple, torch.return_types
+            if kind is not tuple and fields is not None and len(fields) == len(v):
+                payload = [kind.__name__, list(fields), items]
                 if not _is_named(payload):
                     raise TypeError(
-                        f"cannot send named tuple {type(v).__name__}{fields}: the wire carries at "
+                        f"cannot send named tuple {kind.__name__}{fields}: the wire carries at "
                         f"most {_MAX_FIELDS} fields named by identifiers that do not start with "
                         "'_'; send it as a plain tuple or rename its fields"
                     )
-                return _ext(NAMED, payload)
-            return _ext(TUPLE, items)
+                return self.ext(NAMED, payload)
+            return self.ext(TUPLE, items)
         if isinstance(v, list):
-            return [self.value(x, depth + 1) for x in v]
-        if type(v) is dict:
-            return {_key(k): self.value(x, depth + 1) for k, x in v.items()}
+            return self.items(v, depth)
         if isinstance(v, Mapping) or (hasattr(v, "to_tuple") and hasattr(v, "keys")):
             return self.record(v, depth)
         return _leaf(v)
@@ -138,7 +174,7 @@ class _Encoder:
             if not isinstance(key, str):
                 raise TypeError(f"{name} has a {type(key).__name__} key {key!r}; records need str")
             fields[key] = self.value(v[key], depth + 1)
-        return _ext(RECORD, [name, fields])
+        return self.ext(RECORD, [name, fields])
 
     def tensor(self, t: torch.Tensor) -> int:
         if id(t) not in self._index:
@@ -194,6 +230,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _int_value(v: int) -> int:
+    if type(v) is int and v in _INT_RANGE:
+        return v
     if not _is_int(v):
         raise TypeError(f"expected an int, got a {type(v).__name__} ({v!r})")
     if v not in _INT_RANGE:
@@ -226,15 +264,30 @@ class _Decoder:
                 f"message exceeds Limits.max_depth: a value nests deeper than "
                 f"{self.max_depth}; send flatter values or raise the limit on this side"
             )
-        if v is None or isinstance(v, (bool, int, float, str, bytes)):
+        kind = type(v)  # msgpack builds exact types: plain data is returned as it is
+        if kind in _AS_IS or kind is int:
             return v
-        if isinstance(v, list):
-            return [self.value(x, depth + 1) for x in v]
-        if isinstance(v, dict):
-            return {self.key(k): self.value(x, depth + 1) for k, x in v.items()}
-        if isinstance(v, msgpack.ExtType):
+        if kind is list:
+            return self.items(v, depth)
+        if kind is dict:
+            value, key = self.value, self.key
+            if depth >= self.max_depth and v:  # its items would be too deep: say so
+                return {key(k): value(x, depth + 1) for k, x in v.items()}
+            return {
+                (k if type(k) is str else key(k)): (
+                    x if type(x) in _AS_IS or type(x) is int else value(x, depth + 1)
+                )
+                for k, x in v.items()
+            }
+        if kind is msgpack.ExtType:
             return self.ext(v.code, _unpack(v.data, f"extension {v.code} payload"), depth)
         raise _malformed("a value", v, "a type listed in lazytensor.wire")
+
+    def items(self, v: list, depth: int) -> list:
+        value = self.value
+        if depth >= self.max_depth:  # every item is too deep: the first one says so
+            return [value(x, depth + 1) for x in v]
+        return [x if type(x) in _AS_IS or type(x) is int else value(x, depth + 1) for x in v]
 
     def key(self, k: Any) -> str | int:
         if isinstance(k, str) or _is_int(k):
@@ -242,8 +295,10 @@ class _Decoder:
         raise _malformed("a dict key", k, "a str or int")
 
     def ext(self, code: int, p: Any, depth: int) -> Any:
-        if code == TUPLE and isinstance(p, list):
-            return tuple(self.value(x, depth + 1) for x in p)
+        if code == TUPLE and type(p) is list:
+            return tuple(self.items(p, depth))
+        if code == REF and type(p) is int and p >= 0:
+            return ref(p)
         if code == SLICE and isinstance(p, list) and len(p) == 3:
             return slice(*(_slice_bound(x) for x in p))
         if code == ELLIPSIS and p is None:
