@@ -339,3 +339,13 @@ def test_odd_failures_still_become_exceptions(error) -> None:
 def test_graph_errors_keep_their_type() -> None:
     exc = m.Failure.of("a", GraphError("never ran")).exception()
     assert type(exc) is GraphError and str(exc) == "never ran"
+
+
+def test_a_request_may_acknowledge_earlier_results():
+    run = m.Run("b", "key", "llama", acks=("a", "c"))
+    assert m.decode_request(m.encode(run)).acks == ("a", "c")
+    assert "acks" not in m.Run("b", "key", "llama").body()  # sent only when there are any
+    for acks in (("x\n",), tuple(str(i) for i in range(m.MAX_ACKS + 1)), "abc"):
+        body = {**m.Run("b", "key", "llama").body(), "acks": acks}
+        with pytest.raises(ProtocolError):
+            m.Run.from_body(body)

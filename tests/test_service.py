@@ -720,3 +720,28 @@ def test_queue_positions_are_streamed():
     told.clear()
     Worker._tell_positions(worker)  # nothing moved: nothing is said
     assert told == []
+
+
+def test_results_are_acknowledged_with_the_next_request(make_service, local_llama):
+    """A client's small results are forgotten by the server once its next request says it
+    received them (no separate ack message); a large result is acknowledged at once."""
+    service = make_service()
+    client = in_process(service, timeout=30.0)
+    sent: list = []
+    send = client.transport.send
+    client.transport.send = lambda frames: sent.append(wire.decode(frames)) or send(frames)
+
+    def run(build) -> tuple:
+        with local_llama.trace(PROMPTS, remote=client, blocking=False) as tracer:
+            build(local_llama).save()
+        tracer.job.result()
+        return ("token", client.token), tracer.job.id
+
+    first = run(lambda lm: lm.output.logits[:, -1, :4])
+    assert service.results.get(first) is not None  # received, not yet acknowledged
+    second = run(lambda lm: lm.output.logits[:, -1, :4])
+    assert sent[-1].kind == "run" and list(sent[-1].body["acks"]) == [first[1]]
+    assert service.results.get(first) is None and "ack" not in [s.kind for s in sent]
+    large = run(lambda lm: lm.output.logits.repeat(1, 1, 128))  # 2 x T x 128 vocabs: > 1 MiB
+    assert sent[-1].kind == "ack"  # sent at once, with the acknowledgement still pending
+    assert service.results.get(large) is None and service.results.get(second) is None

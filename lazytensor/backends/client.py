@@ -16,6 +16,7 @@ no job holds it while it waits, and replies read by one job for another are kept
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import sys
@@ -37,6 +38,9 @@ from .transport import Transport, ZmqTransport
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
 _STATES = frozenset(state.value for state in JobState)
+
+#: Results larger than this are acknowledged at once rather than with the next request.
+ACK_NOW_BYTES = 1 << 20
 
 #: How long one job reads the socket before letting another job's thread have a turn.
 _SLICE = 0.05
@@ -98,6 +102,8 @@ class Connection:
         self._lock = threading.Lock()
         # Replies read by one job that belong to another job still in flight on this client.
         self._mail: dict[str, list[m.Message]] = {}
+        # Runs whose results arrived, for the server to forget: sent with the next request.
+        self._acks: list[str] = []
 
     # -- public API ---------------------------------------------------------------------------
     def models(self) -> list[dict]:
@@ -131,7 +137,32 @@ class Connection:
         return job.wait()
 
     def close(self) -> None:
+        self.flush_acks()
         self.transport.close()
+
+    def acknowledge(self, request_id: str, nbytes: int) -> None:
+        """The result of run ``request_id`` (``nbytes`` of tensors) arrived: the server may
+        forget it. Small results are acknowledged with this client's next request (one
+        message fewer per run); a large one, or many, at once."""
+        with self._lock:
+            self._acks.append(request_id)
+            now = nbytes > ACK_NOW_BYTES or len(self._acks) >= m.MAX_ACKS
+        if now:
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        """Tell the server now about every result acknowledged but not yet sent."""
+        with self._lock:
+            ids, self._acks = self._acks, []
+            if ids:
+                self.transport.send(m.encode(m.Ack(ids[0], self.token, acks=tuple(ids[1:]))))
+
+    def _with_acks(self, request: m.Request) -> m.Request:
+        """``request`` carrying the pending acknowledgements (the caller holds the lock)."""
+        if not self._acks:
+            return request
+        ids, self._acks = self._acks, []
+        return dataclasses.replace(request, acks=tuple(ids))
 
     def no_answer(self) -> str:
         """Why a server may have said nothing within ``connect_timeout``, and what to check."""
@@ -172,7 +203,7 @@ class RemoteJob:
     def send(self) -> None:
         with self.client._lock:
             self.client._mail.setdefault(self.id, [])
-            self.client.transport.send(m.encode(self.request))
+            self.client.transport.send(m.encode(self.client._with_acks(self.request)))
 
     def status(self) -> JobState:
         """``sent``, ``received``, ``queued``, ``running``, ``completed``, ``error``..."""
@@ -236,7 +267,7 @@ class RemoteJob:
         if self._error is not None:
             raise self._error
         if isinstance(self.request, m.Run):  # the server may forget the result now
-            self.client.send(m.Ack(self.id, self.client.token))
+            self.client.acknowledge(self.id, _nbytes(self._reply))
         return self._reply
 
     def _finished(self) -> bool:
@@ -293,6 +324,11 @@ class RemoteJob:
             self._error = error
             return
         self.state, self._reply = JobState.COMPLETED, message
+
+
+def _nbytes(reply: Any) -> int:
+    values = getattr(reply, "values", {})
+    return sum(v.nbytes for v in tree.leaves(values) if isinstance(v, torch.Tensor))
 
 
 def _new_id() -> str:

@@ -39,6 +39,8 @@ from .values import _is_int, _malformed
 
 #: Longest request id accepted (ids are chosen by clients: bounded, printable).
 MAX_ID_LENGTH = 128
+#: Most earlier results one request may acknowledge (``Request.acks``).
+MAX_ACKS = 64
 
 
 def encode_graph(graph: Graph) -> dict:
@@ -209,16 +211,30 @@ def _same(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Request(Message):
-    """A client's request; ``key`` is its API key (``None`` on an open server)."""
+    """A client's request; ``key`` is its API key (``None`` on an open server).
+
+    ``acks`` names earlier runs of the same client whose results it has received: the
+    server may forget them, as on an ``ack`` (at most :data:`MAX_ACKS`; sent only when any)."""
 
     key: str | None = None
+    acks: tuple = field(default=(), kw_only=True)
+
+    def body(self) -> dict:
+        body = super().body()
+        if not self.acks:
+            del body["acks"]
+        return body
 
     @classmethod
     def from_body(cls, body: dict) -> Request:
         key = body.get("key")
         if key is not None and not isinstance(key, str):
             raise _malformed("the API key", key, "a str or nil")
-        return super().from_body({**body, "id": check_id(body.get("id"))})
+        acks = body.get("acks", ())
+        if not isinstance(acks, (list, tuple)) or len(acks) > MAX_ACKS:
+            raise _malformed("the acks", acks, f"a list of at most {MAX_ACKS} request ids")
+        acks = tuple(check_id(a) for a in acks if a is not None)
+        return super().from_body({**body, "id": check_id(body.get("id")), "acks": acks})
 
 
 @dataclass(frozen=True)

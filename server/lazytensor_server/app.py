@@ -82,7 +82,6 @@ class App:
         peers.start(socket)  # before bind: every connection is counted per address
         socket.bind(self.address)
         self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        outbox: asyncio.Queue[tuple[Any, list]] = asyncio.Queue()
         loop = self._loop
 
         waiting: collections.deque = collections.deque()
@@ -93,10 +92,10 @@ class App:
             if woken.acquire(blocking=False):  # one wake-up carries a whole burst of replies
                 loop.call_soon_threadsafe(move)
 
-        def move() -> None:
+        def move() -> None:  # on the loop: each reply is handed to ZeroMQ at once
             woken.release()
             while waiting:
-                outbox.put_nowait(waiting.popleft())
+                _post(socket, *waiting.popleft())
 
         if signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,10 +103,7 @@ class App:
         # The bound endpoint, read back by whoever started `lazytensor serve --port 0`.
         log.info("serving %s on %s", ", ".join(self.service.models), self.endpoint)
         self.bound.set()
-        tasks = [
-            asyncio.create_task(self._receive(socket, reply)),
-            asyncio.create_task(self._send(socket, outbox)),
-        ]
+        receiving = asyncio.create_task(self._receive(socket, reply))
         await self._stop.wait()
         log.info("shutting down: finishing running requests (grace %.0f s)", self.grace)
         self.service.closing = True  # requests still arriving are told so, not dropped
@@ -115,15 +111,12 @@ class App:
         shutdown.start()
         while shutdown.is_alive():
             await asyncio.sleep(0.02)
-        tasks[0].cancel()
-        await asyncio.sleep(0.05)  # let the last replies reach the outbox
-        while not outbox.empty():
-            peer, frames = outbox.get_nowait()
-            await _deliver(socket, peer, frames)
-        tasks[1].cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        receiving.cancel()
+        await asyncio.sleep(0.05)  # let the last replies reach the loop
+        while waiting:
+            _post(socket, *waiting.popleft())
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiving
         await peers.stop()
         socket.close()
         if authenticator is not None:
@@ -146,17 +139,24 @@ class App:
         except Exception:  # the service answers errors itself; this is a last guard
             log.exception("unhandled error for a request")
 
-    async def _send(self, socket: Any, outbox: asyncio.Queue) -> None:
-        while True:
-            peer, frames = await outbox.get()
-            await _deliver(socket, peer, frames)
 
-
-async def _deliver(socket: Any, peer: Any, frames: list) -> None:
+def _post(socket: Any, peer: Any, frames: list) -> None:
+    """Hand a reply to ZeroMQ from the loop's thread, without waiting for it: a ROUTER socket
+    queues it (or, for a gone peer, drops it), so there is nothing to wait for."""
     try:
-        await socket.send_multipart([peer, *frames], copy=False)
+        sending = socket.send_multipart([peer, *frames], copy=False)
     except zmq.ZMQError as exc:  # the peer is gone: its result stays kept for a fetch
         log.info("could not deliver a reply: %s", exc)
+        return
+    if sending.done():
+        _delivered(sending)
+    else:
+        sending.add_done_callback(_delivered)
+
+
+def _delivered(sending: Any) -> None:
+    if not sending.cancelled() and sending.exception() is not None:
+        log.info("could not deliver a reply: %s", sending.exception())
 
 
 def serve_in_thread(service: Service, address: str = "tcp://127.0.0.1:0") -> App:

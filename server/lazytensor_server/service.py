@@ -124,6 +124,10 @@ class Service:
                     "lazytensor.connect or set LAZYTENSOR_API_KEY"
                 )
             owner = self._owner(peer, request, key_name)
+            if request.acks:  # results the client has received: forget them
+                with self._lock:
+                    for acked in request.acks:
+                        self.results.pop((owner, acked))
             if isinstance(request, m.ListModels):
                 self._models(peer, reply, request)
             elif isinstance(request, m.Describe):
