@@ -63,6 +63,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from common import markdown_table
 
 import lazytensor as lt
 from lazytensor.protocol import codec as wire
@@ -620,26 +621,6 @@ def machine() -> dict:
     }
 
 
-def table(title: str, rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    columns = list(rows[0])
-    cells = [[_cell(row[c]) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    line = "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |"
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(v.rjust(w) for v, w in zip(r, widths)) + " |" for r in cells]
-    return "\n".join([f"\n{title}\n", line, rule, *body])
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 10 else f"{value:,.0f}"
-    return str(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.torch_threads:
@@ -683,14 +664,20 @@ def run_placement(lm, endpoints: tuple, placement: str, pid: int, args, results:
 def report(results: dict) -> None:
     m = results["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, libzmq {m['libzmq']}")
-    print(table(f"Added latency, one save (target <= {TARGET_LATENCY_MS} ms)", results["latency"]))
+    print(
+        markdown_table(
+            f"Added latency, one save (target <= {TARGET_LATENCY_MS} ms)", results["latency"]
+        )
+    )
     title = (
         f"Large saved tensors, float32 (target: fetching a kept result >= {TARGET_RATIO:.0%} of "
         "bare ZeroMQ's rate)"
     )
-    print(table(title, results["transfer"]))
-    print(table("Wire codec alone (result message with one tensor)", results["codec"]))
-    print(table("Requests per second, one-save trace, one client per thread", results["rps"]))
+    print(markdown_table(title, results["transfer"]))
+    print(markdown_table("Wire codec alone (result message with one tensor)", results["codec"]))
+    print(
+        markdown_table("Requests per second, one-save trace, one client per thread", results["rps"])
+    )
     print("\n" + summary(results))
 
 

@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from common import markdown_table
 
 import lazytensor as lt
 from lazytensor.tiny import cached_tiny_lm
@@ -187,7 +188,7 @@ def bench(lm, path: str, args) -> list[dict]:
                         "req_per_forward": requests / forwards if forwards else 1.0,
                     }
                 )
-                print(table("", rows[-1:]).splitlines()[-1], flush=True)
+                print(markdown_table("", rows[-1:]).splitlines()[-1], flush=True)
     return rows
 
 
@@ -223,22 +224,6 @@ def restart(lm, path: str, args) -> list[dict]:
     return rows
 
 
-def table(title: str, rows: list[dict]) -> str:
-    columns = list(rows[0])
-    cells = [[_cell(row[c]) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    line = "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |"
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(v.rjust(w) for v, w in zip(r, widths)) + " |" for r in cells]
-    return "\n".join([f"\n{title}\n", line, rule, *body])
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
-    return str(value)
-
-
 def summary(rows: list[dict]) -> str:
     batched = {r["users"]: r for r in rows if r["server"] == "batched"}
     if TARGET_USERS not in batched:
@@ -269,11 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, python {m['python']}")
     rows = bench(lm, path, args) if args.modes else []
     if rows:
-        print(table(f"Many users, one server ({args.duration:g} s per point)", rows))
+        print(markdown_table(f"Many users, one server ({args.duration:g} s per point)", rows))
         print("\n" + summary(rows))
     restarts = restart(lm, path, args) if args.restart else []
     if restarts:
-        print(table("A job stopped past its time limit, and the request after it", restarts))
+        print(
+            markdown_table("A job stopped past its time limit, and the request after it", restarts)
+        )
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"machine": m, "args": vars(args), "rows": rows, "restarts": restarts},

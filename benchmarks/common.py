@@ -436,3 +436,24 @@ def _cpu_model() -> str:
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
     pathlib.Path(path).write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def markdown_table(title: str, rows: list[dict]) -> str:
+    """``rows`` (dicts with the same keys) as a Markdown table under ``title``; "" if none."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(v.rjust(w) for v, w in zip(r, widths)) + " |" for r in cells]
+    return "\n".join([f"\n{title}\n", line, rule, *body])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
