@@ -57,6 +57,9 @@ RUNNING_AFTER = 0.05
 #: Reply frames of this many bytes or more (large saved tensors) reach the server through a
 #: memory file, mapped rather than copied through the pipe.
 SHARED_BYTES = 1 << 20
+#: A run's deadline is sent to the server only when it is this many seconds later than the
+#: one the server holds it to (most runs start at once, and say nothing).
+DEADLINE_STEP = 0.1
 #: Seconds a new worker process may take to start and map the model.
 BOOT_SECONDS = 300.0
 
@@ -126,7 +129,9 @@ class ChildProcess:
         still without one :data:`RUNNING_AFTER` s after the start (once)."""
         try:
             self._wait_ready()
-            self._conn.send_bytes(msgpack.packb(["run", [[j.id, len(j.frames)] for j in jobs]]))
+            deadline = time.monotonic() + self.limits.max_seconds  # until the child says
+            group = [[j.id, len(j.frames)] for j in jobs]
+            self._conn.send_bytes(msgpack.packb(["run", group, deadline]))
             for job in jobs:
                 for frame in job.frames:
                     self._conn.send_bytes(frame.buffer if hasattr(frame, "buffer") else frame)
@@ -136,7 +141,7 @@ class ChildProcess:
                 done(job, m.Failure.of(job.id, RuntimeError(_LOST)))
             return
         pending = dict(enumerate(jobs))
-        stopped = self._collect(pending, done, slow)
+        stopped = self._collect(pending, done, slow, deadline)
         if stopped is None:
             return
         if self.closed:  # killed past the shutdown's grace period
@@ -157,11 +162,13 @@ class ChildProcess:
             )
             done(job, m.Failure.of(job.id, error))
 
-    def _collect(self, pending: dict[int, Job], done: Any, slow: Any) -> str | None:
+    def _collect(
+        self, pending: dict[int, Job], done: Any, slow: Any, deadline: float
+    ) -> str | None:
         """Pass on the outcomes of the group in flight; ``None`` once it finished, else why
-        the process was stopped (``pending`` then holds the jobs without an outcome)."""
+        the process was stopped (``pending`` then holds the jobs without an outcome).
+        ``deadline`` holds until the process names a later one."""
         now = time.monotonic()
-        deadline = now + self.limits.max_seconds  # until the child says
         announce = now + RUNNING_AFTER if slow is not None else math.inf
         conn = self._conn
         while True:
@@ -178,11 +185,13 @@ class ChildProcess:
                 if header[0] == "deadline":
                     deadline = header[1]
                 elif header[0] == "done":
-                    _, index, kind, rows, together, count, shared = header
+                    _, index, kind, rows, together, last, count, shared = header
                     frames = _receive_frames(conn, count, shared)
                     job = pending.pop(index)
                     job.forward_rows, job.forward_jobs = rows, together
                     done(job, Encoded(kind, frames))
+                    if last:  # the group's last outcome: the process waits for the next
+                        return None
                 elif header[0] == "idle":
                     return None
             except (EOFError, OSError):
@@ -294,7 +303,14 @@ def main(conn: Any, module: torch.nn.Module, spec: tuple, limits: Limits, truste
     served = types.SimpleNamespace(name=name, module=module)
     outcomes: list[tuple[Job, m.Message]] = []
     runner = Runner(served, limits, lambda job, message: outcomes.append((job, message)), trusted)
-    runner.watch = lambda deadline: conn.send_bytes(msgpack.packb(["deadline", deadline]))
+    known = [0.0]  # the deadline the server holds the group to
+
+    def watch(deadline: float) -> None:  # told only when later than the server thinks
+        if deadline > known[0] + DEADLINE_STEP:
+            known[0] = deadline
+            conn.send_bytes(msgpack.packb(["deadline", deadline]))
+
+    runner.watch = watch
     conn.send_bytes(msgpack.packb(["ready"]))
     while True:
         try:
@@ -303,22 +319,25 @@ def main(conn: Any, module: torch.nn.Module, spec: tuple, limits: Limits, truste
             return
         if header[0] == "stop":
             return
+        known[0] = header[2]
         jobs, index = [], {}
         for position, (job_id, count) in enumerate(header[1]):
             frames = [conn.recv_bytes() for _ in range(count)]
             try:
                 job = _job(frames, wire, name, limits, positional)
             except Exception as exc:  # the service accepted it; answer rather than stop
-                _send(conn, position, job_id, m.Failure.of(job_id, exc), 0, 0)
+                _send(conn, position, job_id, m.Failure.of(job_id, exc), 0, 0, False)
                 continue
             index[id(job)] = position
             jobs.append(job)
         if jobs:
             runner.run_group(jobs)
-        for job, message in outcomes:
-            _send(conn, index[id(job)], job.id, message, job.forward_rows, job.forward_jobs)
+        for n, (job, message) in enumerate(outcomes, 1):
+            last = n == len(outcomes)
+            _send(conn, index[id(job)], job.id, message, job.forward_rows, job.forward_jobs, last)
+        if not outcomes:
+            conn.send_bytes(msgpack.packb(["idle"]))
         outcomes.clear()
-        conn.send_bytes(msgpack.packb(["idle"]))
 
 
 def _job(frames: list, wire: codec.Limits, name: str, limits: Limits, positional: bool) -> Job:
@@ -328,7 +347,10 @@ def _job(frames: list, wire: codec.Limits, name: str, limits: Limits, positional
     return inputs.job_of(request, name, limits, positional=positional)
 
 
-def _send(conn: Any, position: int, job_id: str, message: m.Message, rows: int, jobs: int) -> None:
+def _send(
+    conn: Any, position: int, job_id: str, message: m.Message, rows: int, jobs: int, last: bool
+) -> None:
+    """One job's outcome, encoded; ``last``: the group's last (the process then waits)."""
     try:
         frames = m.encode(message)
     except Exception as exc:  # e.g. a saved value of a type the wire cannot carry
@@ -336,4 +358,4 @@ def _send(conn: Any, position: int, job_id: str, message: m.Message, rows: int, 
             job_id, {"type": type(exc).__name__, "message": f"the result cannot be sent: {exc}"}
         )
         frames = m.encode(message)
-    _send_frames(conn, ["done", position, message.KIND, rows, jobs], frames)
+    _send_frames(conn, ["done", position, message.KIND, rows, jobs, last], frames)
