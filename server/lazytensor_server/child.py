@@ -3,8 +3,9 @@
 A job's time limit is checked between ops, which cannot stop one op that runs for minutes (a
 huge matmul, a kernel that never returns, an op that holds the GIL). So ``lazytensor serve``
 runs each model's jobs in a worker process, and the worker thread (:mod:`.worker`) watches
-it: before each run the process says when the run must end (:attr:`.runner.Runner.watch`),
-and a run still going :data:`SLACK` seconds after that is stopped by killing the process. A
+it: a group of jobs goes with the time it must end by, the process names a later end when
+a run starts later (:attr:`.runner.Runner.watch`), and a run still going :data:`SLACK`
+seconds after its end is stopped by killing the process. A
 fresh process takes the next job: it is forked from a server that has torch and the model's
 code imported (``forkserver``) and maps the same weights (CPU weights in shared memory, CUDA
 ones through IPC handles), so a restart costs well under a second, not a model load. A job
