@@ -218,6 +218,15 @@ def test_a_normal_trace_is_admitted_and_its_estimate_is_cached(local_llama, serv
     assert first.failure is None
 
 
+def _answers_exactly(model, client) -> None:
+    """After an attack: a known-good trace on the server equals the local run bitwise."""
+    with model.trace(["Q: big\nA:"]):
+        want = model.output.logits[:, -1].save()
+    with model.trace(["Q: big\nA:"], remote=client):
+        got = model.output.logits[:, -1].save()
+    assert torch.equal(got, want)
+
+
 def test_an_attack_on_a_real_server_process(llama_path, tmp_path, local_llama):
     process = ServerProcess(llama_path, tmp_path / "server.log", "--max-memory", str(2**20))
     try:
@@ -229,11 +238,7 @@ def test_an_attack_on_a_real_server_process(llama_path, tmp_path, local_llama):
                     model = local_llama
                     model.output.logits  # noqa: B018
                     torch.ones(2**28).sum().save()
-            with local_llama.trace(["Q: big\nA:"]):
-                want = local_llama.output.logits[:, -1].save()
-            with local_llama.trace(["Q: big\nA:"], remote=client):
-                got = local_llama.output.logits[:, -1].save()
-            assert torch.equal(got, want)
+            _answers_exactly(local_llama, client)
         finally:
             client.close()
     finally:
@@ -367,11 +372,7 @@ def test_a_training_attack_on_a_real_server_process(llama_path, tmp_path, local_
                 _train(local_llama, client)
             assert "optimize step" in str(refused.value)  # Adam's state, at its first step
             assert "refused at admission" in process.log()
-            with local_llama.trace(["Q: big\nA:"]):
-                want = local_llama.output.logits[:, -1].save()
-            with local_llama.trace(["Q: big\nA:"], remote=client):
-                got = local_llama.output.logits[:, -1].save()
-            assert torch.equal(got, want)
+            _answers_exactly(local_llama, client)
         finally:
             client.close()
     finally:
