@@ -53,11 +53,25 @@ def test_add_call_makes_the_node_add_makes() -> None:
         graph.add("output", "layer2")
     cases = [((g.Ref(1), g.Ref(0)), (0, 1)), ((2.0, g.Ref(1)), (1,)), ((g.Ref(0), 2), (0,))]
     for args, deps in cases:
-        i = fast.add_call("operator.mul", args, deps, site)
+        i = fast.add_call("operator.mul", args, deps, g.pattern(args), site)
         assert slow.add("function", "operator.mul", args, site=site).id == i
     for got, want in zip(fast.nodes, slow.nodes, strict=True):
         assert got == want and got.deps() == want.deps() and got.shape() == want.shape()
     assert fast.sites == slow.sites and fast.structure_key() == slow.structure_key()
+
+
+def test_shapes_tell_apart_what_replays_differently() -> None:
+    """``h * h`` and ``h * 2.0`` read the same nodes, yet their generated replay differs."""
+    graph = g.Graph()
+    graph.add("output", "layer1")
+    square = graph.add("function", "operator.mul", (g.Ref(0), g.Ref(0)))
+    scaled = graph.add("function", "operator.mul", (g.Ref(0), 2.0))
+    other = graph.add("function", "operator.mul", (g.Ref(0), g.Const(0)))
+    keyed = graph.add("function", "torch.sum", (g.Ref(0),), {"dim": 1})
+    assert square.deps() == scaled.deps() == other.deps()
+    assert len({square.shape(), scaled.shape(), other.shape()}) == 3
+    assert [n.shape()[4] for n in (square, scaled, other)] == [(0, 0), (0, None), (0, g.OTHER)]
+    assert keyed.shape()[5] == (("dim",), False)
 
 
 def test_refs_in_argument_order_through_containers() -> None:

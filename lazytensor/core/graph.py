@@ -123,18 +123,19 @@ class Node:
         return self._deps
 
     def shape(self) -> tuple:
-        """What a replay plan needs of this node (cheap: no walk of its arguments): op,
-        target, the nodes it reads, its call, whether its first argument is a node's value,
-        and an ``inplace=True`` flag. Equal shapes plan alike."""
+        """What a replay plan needs of this node (cheap: no walk into nested arguments): op,
+        target, the nodes it reads, its call, the :func:`pattern` of its positional arguments
+        and its keyword names with an ``inplace=True`` flag. Equal shapes plan alike, and
+        replay alike (:mod:`lazytensor.runtime.chains` generates code per shape)."""
         if self._shape is None:
-            first = self.args[0] if self.args else None
+            kwargs = self.kwargs
             self._shape = (
                 self.op,
                 self.target,
                 self.deps(),
                 self.call,
-                first.id if type(first) is Ref else None,
-                self.kwargs.get("inplace") is True if self.kwargs else False,
+                pattern(self.args),
+                (tuple(kwargs), kwargs.get("inplace") is True) if kwargs else (),
             )
         return self._shape
 
@@ -150,6 +151,20 @@ class Node:
                 self.rows,
             )
         return self._key
+
+
+#: Argument types a node carries as themselves (its value is read from the node at replay).
+SCALARS = frozenset((int, float, bool, str, type(None)))
+#: :func:`pattern`'s mark for an argument that is neither a node's value nor a scalar.
+OTHER = -1
+
+
+def pattern(args: tuple) -> tuple:
+    """Per positional argument: the node id of a :class:`Ref`, ``None`` for a scalar (one of
+    :data:`SCALARS`), :data:`OTHER` for anything else (a constant, a slice, a container)."""
+    return tuple(
+        [a.id if type(a) is Ref else None if type(a) in SCALARS else OTHER for a in args]
+    )
 
 
 def _collect_refs(value: Any, found: list[int]) -> None:
@@ -210,16 +225,18 @@ class Graph:
         self.sites.append(site)
         return node
 
-    def add_call(self, target: str, args: tuple, deps: tuple[int, ...], site: Site | None) -> int:
+    def add_call(
+        self, target: str, args: tuple, deps: tuple[int, ...], pattern: tuple, site: Site | None
+    ) -> int:
         """Append ``function`` node ``target(*args)`` and return its id: :meth:`add` for the
-        recorder's operators (``h * 2.0``), whose reads ``deps`` (distinct, ascending) it
-        already knows; the node's :meth:`Node.shape` is filled in now, from those."""
+        recorder's operators (``h * 2.0``), whose reads ``deps`` (distinct, ascending) and
+        argument :func:`pattern` it already knows; the node's :meth:`Node.shape` is filled in
+        now, from those."""
         nodes = self.nodes
         i = len(nodes)
         node = Node(i, "function", target, args, {}, 0, None)
         node._deps = deps
-        first = args[0] if args else None
-        node._shape = ("function", target, deps, 0, first.id if type(first) is Ref else None, False)
+        node._shape = ("function", target, deps, 0, pattern, ())
         nodes.append(node)
         self.sites.append(site)
         return i

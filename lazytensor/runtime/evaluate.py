@@ -15,11 +15,8 @@ import torch
 
 from ..core import ops, tree
 from ..core.errors import GraphError, OpNotAllowedError, TraceError
-from ..core.graph import Const, Node, Ref
+from ..core.graph import SCALARS, Const, Node, Ref
 from . import bounds
-
-#: Arguments that are their own value.
-SCALARS = frozenset((int, float, bool, str, type(None)))
 
 
 def resolve(arg: Any, values: Any, constants: list, fake_mode: Any = None) -> Any:

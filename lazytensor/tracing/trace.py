@@ -377,7 +377,8 @@ class Trace:
         else:
             deps = (x.id, y.id) if x.id < y.id else (y.id, x.id)
         args = (a if x is None else x, b if y is None else y)
-        i = self.graph.add_call(target, args, deps, _site_at(_getframe(2)))
+        shape = (None if x is None else x.id, None if y is None else y.id)
+        i = self.graph.add_call(target, args, deps, shape, _site_at(_getframe(2)))
         return Proxy.of(self, i)
 
     def _apply_outside(self, op: str, target: str, args: tuple, kwargs: dict | None) -> Any:
