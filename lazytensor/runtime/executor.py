@@ -46,7 +46,7 @@ import torch
 from ..core.errors import GraphError, NodeFailure
 from ..core.graph import Batch, Graph, Node, Ref
 from ..core.ops import runnable_function
-from . import bounds, calls, fake, grads, hooks, outcome, rows
+from . import bounds, calls, chains, fake, grads, hooks, outcome, rows
 from .evaluate import SCALARS, call_function, call_method, call_python, read_attribute, resolve
 from .moments import RESULT_KEY, TOKENS_KEY, Sides, describe, rows_layout
 from .plan import GRAD, Plan
@@ -143,6 +143,10 @@ class Executor:
         # A subclass that watches each node (a shape-only ledger, a schedule) gets every one
         # through _run_node; the drain's direct path for function nodes is this class's own.
         self._quick = type(self)._run_node is Executor._run_node
+        # Chains (:mod:`.chains`) skip the per-node checks of a deadline or a memory bound,
+        # the values of a shape-only pass and a materialization's stop.
+        plain = self._quick and deadline is None and fake_mode is None and stop_at is None
+        self.chains = plan.chains if plain and not self.bounded and not plan.backwards else None
         collect = fake_mode is None and stop_at is None
         ranged = calls.per_call(graph, self.repeating, graph.saved) if collect else ()
         self.collected: dict[int, list] = {i: [] for i in ranged}
@@ -325,6 +329,7 @@ class Executor:
         heap, done, nodes, values = self.heap, self.done, self.graph.nodes, self.values
         quick = self._quick and self.deadline is None and not self.bounded
         mutating, plain, resolve_arg = self.mutating, SCALARS, self._value
+        chained = self.chains or None
         while heap:
             i = heapq.heappop(heap)
             if done[i]:
@@ -332,6 +337,11 @@ class Executor:
             if self.backward_now is not None and i in self.plan.backwards:
                 self.deferred.append(i)  # one backward pass at a time: after this one
                 continue
+            if chained is not None:
+                chain = chained.get(i)
+                if chain is not None and chain.ready(done):
+                    self._ran_chain(chain)
+                    continue
             node = nodes[i]
             if not quick or node.op != "function" or i in mutating:
                 self._run_node(i)
@@ -398,6 +408,29 @@ class Executor:
             values[i] = None  # nothing reads it (a bare `x.mul_(2)`): free it now
         if i == self.stop_at:
             raise _Stop
+
+    def _ran_chain(self, chain: chains.Chain) -> None:
+        """Run ``chain`` and do for it what :meth:`_ran` does for each of its nodes."""
+        values = self.values
+        try:
+            chain.run(self.graph, values, self.kept)
+        except chains.Failed as failed:
+            raise self._failure(failed.node, failed.error) from failed.error
+        start, stop = chain.start, chain.stop
+        self.done[start : stop + 1] = [True] * (stop + 1 - start)
+        self.left -= stop + 1 - start
+        pending, kept = self.pending_users, self.kept
+        for d, edges in chain.reads:
+            pending[d] -= edges
+            if pending[d] == 0 and d not in kept:
+                values[d] = None
+        for i, later in chain.gives:
+            pending[i] = later
+        waiting, key_of, heap = self.waiting, self.key_of, self.heap
+        for u, edges in chain.feeds:
+            waiting[u] -= edges
+            if waiting[u] == 0 and (u not in key_of or self._is_active(u)):
+                heapq.heappush(heap, u)
 
     def _ran_special(self, i: int, value: Any) -> None:
         if i in self.grad_targets and self.fake_mode is None:

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from ..core import ops
 from ..core.graph import EVERY_CALL, Graph, Ref
+from . import chains as chains_
 
 PRE, POST, RESULT, TOKENS, GRAD = "pre", "post", "result", "tokens", "grad"
 #: The hook kind each point op waits for.
@@ -51,6 +52,8 @@ class Plan:
             before the forward starts.
         counts: per node, ``(len(deps), len(users))``, as two tuples: what a run's counters of
             inputs still missing and of readers still to come start from.
+        chains: runs of plain function nodes replayed as one unit, by first node
+            (:mod:`.chains`).
     """
 
     deps: tuple[tuple[int, ...], ...]
@@ -65,8 +68,10 @@ class Plan:
     weights: frozenset[int]
     roots: tuple[int, ...]
     counts: tuple[tuple[int, ...], tuple[int, ...]]
+    chains: dict[int, chains_.Chain]
 
-    _cache: ClassVar[OrderedDict[tuple, Plan]] = OrderedDict()
+    #: ``hash(key) -> (key, plan)``, least recently used first (a hash collision replans).
+    _cache: ClassVar[OrderedDict[int, tuple[tuple, Plan]]] = OrderedDict()
     CACHE_SIZE: ClassVar[int] = 256
 
     @classmethod
@@ -76,14 +81,17 @@ class Plan:
         if planned is not None and planned[0] == len(graph.nodes):
             return planned[1]
         key = tuple([node._shape or node.shape() for node in graph.nodes])
+        digest = hash(key)  # once: the cache is keyed by it, and the key compared on a hit
         cache = cls._cache
-        plan = cache.get(key)
-        if plan is None:
-            plan = cache[key] = cls.build(graph)
+        known = cache.get(digest)
+        if known is not None and known[0] == key:
+            plan = known[1]
+            cache.move_to_end(digest)
+        else:
+            plan = cls.build(graph)
+            cache[digest] = (key, plan)
             if len(cache) > cls.CACHE_SIZE:
                 cache.popitem(last=False)
-        else:
-            cache.move_to_end(key)
         graph.planned = (len(graph.nodes), plan)
         return plan
 
@@ -148,4 +156,5 @@ class Plan:
             frozenset(weights),
             tuple(i for i in range(n) if not deps[i] and i not in key_of),
             (tuple(map(len, deps)), tuple(map(len, users))),
+            chains_.find([node.shape() for node in graph.nodes], users, mutating, repeating),
         )

@@ -1,0 +1,212 @@
+"""Tests for lazytensor/runtime/chains.py: runs of plain function nodes replayed as one unit.
+
+Every trace here is compared with the same loop written in a plain PyTorch hook
+(:func:`models.hooked`), bitwise: a chain runs the same calls in the same order. Bookkeeping
+(which values the executor still holds, which nodes formed a chain) is read off the executor
+and its plan.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+
+import pytest
+import torch
+
+import lazytensor as lt
+from lazytensor.core.graph import Batch, Graph, Ref
+from lazytensor.runtime import chains
+from lazytensor.runtime.executor import Executor
+from lazytensor.runtime.plan import Plan
+from models import TinyMLP, hooked
+
+
+def exact(actual, expected) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def inputs(batch: int = 3, seed: int = 5) -> torch.Tensor:
+    return torch.randn(batch, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def net(tiny_mlp: TinyMLP) -> lt.Model:
+    return lt.Model(tiny_mlp)
+
+
+def looped(net: lt.Model, x: torch.Tensor, steps: int, scale: float) -> tuple[torch.Tensor, Graph]:
+    with net.trace(x) as tracer:
+        h = net.layer1.output
+        for _ in range(steps):
+            h = h * scale + 0.25
+        saved = h.save()
+    return saved, tracer.graph
+
+
+def by_hand(model: TinyMLP, x: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
+    kept = []
+
+    def chain(module, args, out):
+        h = out
+        for _ in range(steps):
+            h = h * scale + 0.25
+        kept.append(h)
+
+    hooked(model, x, post=[(model.layer1, chain)])
+    return kept[0]
+
+
+def test_a_loop_of_small_ops_is_one_chain_and_equals_the_hook(net: lt.Model) -> None:
+    x = inputs()
+    for scale in (1.5, 0.5, -2.0):  # one structure: the plan and its chain are reused
+        saved, graph = looped(net, x, 50, scale)
+        exact(saved, by_hand(net._module, x, 50, scale))
+    [(start, chain)] = Plan.of(graph).chains.items()
+    assert (start, chain.stop) == (1, 100)
+    assert chain.outside == (0,) and chain.gives == ()
+
+
+def test_every_kind_of_step(net: lt.Model) -> None:
+    """Values stored or just computed, scalars in either place, and a longer argument list."""
+    x = inputs()
+    with net.trace(x) as tracer:
+        a = net.layer1.output
+        b = a * a
+        c = 2.0 - b
+        d = torch.relu(c)
+        e = torch.clamp(d, -0.5, 0.5)
+        f = e + a
+        saved = f.save()
+    kinds = [step[1] for step in Plan.of(tracer.graph).chains[1].steps]
+    assert kinds == [chains._VV, chains._SL, chains._L, chains._ANY, chains._LV]
+
+    def edit(module, args, out):
+        kept.append(torch.clamp(torch.relu(2.0 - out * out), -0.5, 0.5) + out)
+
+    kept: list = []
+    hooked(net._module, x, post=[(net._module.layer1, edit)])
+    exact(saved, kept[0])
+
+
+def test_kinds_that_read_stored_values(net: lt.Model) -> None:
+    x = inputs()
+    with net.trace(x) as tracer:
+        a = net.layer1.output
+        b = a * 0.5  # the first node: reads a stored value and a scalar
+        c = torch.relu(b) + a  # relu reads the previous node, + a stored one and it
+        d = 3.0 - c
+        e = torch.sigmoid(b * d)  # b was stored for this read (scratch)
+        saved = e.save()
+    steps = Plan.of(tracer.graph).chains[1].steps
+    assert [step[1] for step in steps] == [
+        chains._VS, chains._L, chains._LV, chains._SL, chains._VL, chains._L
+    ]  # fmt: skip
+    assert Plan.of(tracer.graph).chains[1].scratch == (1,)
+    kept: list = []
+
+    def edit(module, args, out):
+        b = out * 0.5
+        kept.append(torch.sigmoid(b * (3.0 - (torch.relu(b) + out))))
+
+    hooked(net._module, x, post=[(net._module.layer1, edit)])
+    exact(saved, kept[0])
+
+
+def test_a_chain_whose_outside_value_comes_later_runs_node_by_node(net: lt.Model) -> None:
+    x = inputs()
+    with net.trace(x) as tracer:
+        late = net.layer2.output
+        early = net.layer1.output
+        mixed = (early * 3.0 + late).save()
+    assert Plan.of(tracer.graph).chains[2].outside == (0, 1)
+    got: dict = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            got[name] = out
+
+        return hook
+
+    model = net._module
+    hooked(model, x, post=[(model.layer1, keep("early")), (model.layer2, keep("late"))])
+    exact(mixed, got["early"] * 3.0 + got["late"])
+
+
+def test_values_inside_a_chain_are_saved_and_values_after_it_are_read(net: lt.Model) -> None:
+    x = inputs()
+    with net.trace(x):
+        h = net.layer2.output
+        doubled = (h * 2.0).save()
+        shifted = doubled + 1.0
+        net.layer3.input = shifted  # read after the chain, by a point write
+        out = net.output.save()
+    model = net._module
+    expected = hooked(model, x, pre=[(model.layer3, lambda m, args: (args[0] * 2.0 + 1.0,))])
+    exact(doubled, model.layer2(model.act(model.layer1(x))) * 2.0)
+    exact(out, expected)
+
+
+def test_a_chain_drops_values_as_the_scheduler_does(tiny_mlp: TinyMLP) -> None:
+    graph = Graph()
+    graph.add("output", "layer1")
+    for i in range(1, 7):
+        graph.add("function", "operator.add", (Ref(i - 1), 1.0))
+    graph.add("function", "operator.mul", (Ref(3), Ref(6)))  # 3 is read after the chain
+    graph.saved = [5, 7]
+    executor = Executor(tiny_mlp, graph, Batch((inputs(),), {}, 3))
+    assert executor.chains[1].stop == 7 and executor.chains[1].gives == ()
+    saved = executor.run()
+    assert [i for i, v in enumerate(executor.values) if v is not None] == [5, 7]
+    with torch.no_grad():
+        h = tiny_mlp.layer1(inputs())
+    exact(saved[5], h + 1.0 + 1.0 + 1.0 + 1.0 + 1.0)
+    exact(saved[7], (h + 1.0 + 1.0 + 1.0) * (h + 1.0 + 1.0 + 1.0 + 1.0 + 1.0 + 1.0))
+    graph.saved = [7]  # nothing inside the chain is saved: locals, and 3 stored for node 7
+    executor = Executor(tiny_mlp, graph, Batch((inputs(),), {}, 3))
+    exact(executor.run()[7], saved[7])
+    assert executor.chains[1].scratch == (3,)
+    assert [i for i, v in enumerate(executor.values) if v is not None] == [7]
+
+
+def test_what_breaks_a_chain() -> None:
+    """In-place writes, keyword arguments, constants and a node reading nothing of the chain."""
+    graph = Graph()
+    graph.add("output", "layer1")
+    graph.add("function", "operator.mul", (Ref(0), 2.0))  # 1: starts a chain
+    graph.add("function", "operator.add", (Ref(1), 1.0))  # 2
+    graph.add("function", "operator.setitem", (Ref(2), 0, 5.0))  # 3: writes
+    graph.add("function", "operator.add", (Ref(2), 1.0))  # 4: starts one
+    graph.add("function", "torch.sum", (Ref(4),), {"dim": 0})  # 5: keywords
+    graph.add("function", "operator.add", (Ref(4), 1.0))  # 6
+    graph.add("function", "operator.mul", (Ref(6), 3.0))  # 7
+    graph.add("function", "operator.mul", (Ref(0), 3.0))  # 8: reads nothing of 6..7
+    graph.add("function", "operator.mul", (Ref(8), 3.0))  # 9
+    found = Plan.build(graph).chains
+    assert {start: chain.stop for start, chain in found.items()} == {1: 2, 6: 7, 8: 9}
+
+
+def test_a_failure_inside_a_chain_names_its_line(net: lt.Model) -> None:
+    with pytest.raises(RuntimeError) as info:
+        with net.trace(inputs()):
+            wide = net.layer1.output  # (3, 16)
+            narrow = net.layer3.output  # (3, 4): ready after `wide`, so the chain runs whole
+            doubled = narrow * 2.0
+            line = inspect.currentframe().f_lineno + 1
+            (doubled + wide).save()
+    message = str(info.value)
+    assert f"{pathlib.Path(__file__).name}:{line}" in message and "doubled + wide" in message
+
+
+@pytest.mark.parametrize("option", ["deadline", "stop_at"])
+def test_runs_with_per_node_checks_use_no_chains(tiny_mlp: TinyMLP, option: str) -> None:
+    graph = Graph()
+    graph.add("output", "layer1")
+    graph.add("function", "operator.mul", (Ref(0), 2.0))
+    graph.add("function", "operator.add", (Ref(1), 1.0))
+    graph.saved = [2]
+    kwargs = {"deadline": 1e12} if option == "deadline" else {"stop_at": 2}
+    executor = Executor(tiny_mlp, graph, Batch((inputs(),), {}, 3), **kwargs)
+    assert executor.chains is None
+    with torch.no_grad():
+        exact(executor.run()[2], tiny_mlp.layer1(inputs()) * 2.0 + 1.0)
