@@ -27,7 +27,16 @@ import warnings
 from typing import Any
 
 import common
-from common import FORCING, GENERATE, OPS_LAYER, PATCH_LAYER, PER_OP_OPS, SAVE_LAYER, STEER_LAYER
+from common import (
+    FORCING,
+    GENERATE,
+    LONG_OPS,
+    OPS_LAYER,
+    PATCH_LAYER,
+    PER_OP_OPS,
+    SAVE_LAYER,
+    STEER_LAYER,
+)
 
 LIB = "nnsight"
 
@@ -129,12 +138,13 @@ def cases_for(shape: common.Shape, args: argparse.Namespace) -> tuple[dict, dict
         "hooks:generate": lambda: common.hooks_generate(hf, lay, x, pad),
         f"{LIB}:generate": lambda: generate(model, lay, x, pad),
     }
-    per_op = {
+    per_op = {  # fewer rounds: (f) and (g) are long
         "hooks:ops_0": lambda: common.hooks_ops(hf, lay, x, 0),
-        "hooks:ops_n": lambda: common.hooks_ops(hf, lay, x, PER_OP_OPS),
         f"{LIB}:ops_0": lambda: small_ops(model, lay, x, 0),
-        f"{LIB}:ops_n": lambda: small_ops(model, lay, x, PER_OP_OPS),
     }
+    for n in (PER_OP_OPS, LONG_OPS):
+        per_op[f"hooks:ops_{n}"] = functools.partial(common.hooks_ops, hf, lay, x, n)
+        per_op[f"{LIB}:ops_{n}"] = functools.partial(small_ops, model, lay, x, n)
     return trace, gen, per_op
 
 
@@ -147,7 +157,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     more, first_gen = common.measure(gen, max(5, repeats // 5), 2, sync, clock)
     common.check(first | first_gen, LIB, exact=args.device == "cpu")
     samples |= more
-    samples |= common.measure(per_op, max(5, repeats // 4), 2, sync, clock)[0]
+    more, first_ops = common.measure(per_op, max(5, repeats // 4), 2, sync, clock)
+    common.check(first_ops, LIB, exact=args.device == "cpu")
+    samples |= more
     rows = common.rows_from(samples, LIB, {"patching": "forward_2x", "generate": "generate"})
     return {
         "shape": vars(shape) | {"label": shape.label},

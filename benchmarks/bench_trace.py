@@ -27,7 +27,16 @@ import time
 from typing import Any
 
 import common
-from common import FORCING, GENERATE, OPS_LAYER, PATCH_LAYER, PER_OP_OPS, SAVE_LAYER, STEER_LAYER
+from common import (
+    FORCING,
+    GENERATE,
+    LONG_OPS,
+    OPS_LAYER,
+    PATCH_LAYER,
+    PER_OP_OPS,
+    SAVE_LAYER,
+    STEER_LAYER,
+)
 
 import lazytensor as lt
 
@@ -138,12 +147,13 @@ def cases_for(
         "hooks:generate": lambda: common.hooks_generate(model, lay, x, pad),
         f"{LIB}:generate": lambda: generate(lm, lay, rows),
     }
-    per_op = {
+    per_op = {  # fewer rounds: (f) and (g) are long
         "hooks:ops_0": lambda: common.hooks_ops(model, lay, x, 0),
-        "hooks:ops_n": lambda: common.hooks_ops(model, lay, x, PER_OP_OPS),
         f"{LIB}:ops_0": lambda: small_ops(lm, lay, rows, 0),
-        f"{LIB}:ops_n": lambda: small_ops(lm, lay, rows, PER_OP_OPS),
     }
+    for n in (PER_OP_OPS, LONG_OPS):
+        per_op[f"hooks:ops_{n}"] = functools.partial(common.hooks_ops, model, lay, x, n)
+        per_op[f"{LIB}:ops_{n}"] = functools.partial(small_ops, lm, lay, rows, n)
     return trace, gen, per_op, (lm, lay, rows)
 
 
@@ -160,7 +170,9 @@ def run_shape(shape: common.Shape, args: argparse.Namespace, tiny: bool) -> dict
     common.check(first, LIB, exact=args.device == "cpu")
     result: dict[str, Any] = {"shape": vars(shape) | {"label": shape.label}}
     if tiny:
-        samples |= common.measure(per_op, max(5, repeats // 4), 2, sync, clock)[0]
+        more, first_ops = common.measure(per_op, max(5, repeats // 4), 2, sync, clock)
+        common.check(first_ops, LIB, exact=args.device == "cpu")
+        samples |= more
         record = [
             recording_ns(lm, lay, rows, PER_OP_OPS, clock) for _ in range(max(5, repeats // 4))
         ]

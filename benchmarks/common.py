@@ -38,6 +38,8 @@ EXPERIMENTS = {
     "neuron_forcing": "(c) neuron forcing",
     "patching": "(d) patching, 2 invokes",
     "ops_100": "(e) 100 small ops",
+    "ops_1000": "(f) 1,000 small ops",
+    "ops_5000": "(g) 5,000 small ops",
     "generate": "generate 8 tok, per-step edit",
 }
 SAVE_LAYER = 5  # (a): the layer whose output is saved
@@ -46,7 +48,8 @@ PATCH_LAYER = 2  # (d): the layer patched across invokes
 FORCING = {1: [7, 25], 3: [94]}  # (c): layer -> neurons of down_proj's input forced to 5.0
 STEER_LAYER = 1  # generation: the MLP whose output is halved at every step
 GENERATE = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
-PER_OP_OPS = 1000  # recorded ops in the per-op measurement
+PER_OP_OPS = 1000  # recorded ops in the per-op measurement (the (f) rows)
+LONG_OPS = 5000  # the (g) rows
 
 
 # -- models and inputs -------------------------------------------------------------------------
@@ -284,7 +287,7 @@ def median_ms(samples: list[int]) -> float:
 
 def per_op_us(samples: dict[str, list[int]], who: str) -> float:
     """Microseconds per small op: (trace with ``PER_OP_OPS`` ops − trace with none) / ops."""
-    ms = median_ms(samples[f"{who}:ops_n"]) - median_ms(samples[f"{who}:ops_0"])
+    ms = median_ms(samples[f"{who}:ops_1000"]) - median_ms(samples[f"{who}:ops_0"])
     return ms * 1e3 / PER_OP_OPS
 
 
