@@ -54,6 +54,7 @@ class Chain:
             ``a``/``b`` the stored values read, ``store`` whether a later node reads the
             value from the stored ones; for ``_ANY``, ``a`` is the node's whole pattern.
         scratch: nodes stored only for a later node of the chain: dropped after the run.
+        gives_last: whether a node after the chain reads its last node.
     """
 
     start: int
@@ -65,6 +66,7 @@ class Chain:
     last: tuple[tuple[int, ...], ...]
     steps: list | None = field(default=None, repr=False)
     scratch: tuple[int, ...] = ()
+    gives_last: bool = True
 
     def ready(self, done: list[bool]) -> bool:
         """Whether every value the chain reads from outside exists."""
@@ -114,6 +116,8 @@ class Chain:
             raise Failed(i, exc) from exc
         for i in self.scratch:
             values[i] = None
+        if self.gives_last is False and stop not in kept:
+            values[stop] = None  # nothing reads it and it is not saved: the scheduler drops it
 
     def _run_keeping(self, graph: Graph, values: list, kept: set[int] | frozenset[int]) -> None:
         """:meth:`run` storing every value, and dropping each after its last reader unless
@@ -185,9 +189,7 @@ def _chain(start: int, stop: int, shapes: list[tuple], users: list[list[int]]) -
     reads: dict[int, int] = {}
     last_reader: dict[int, int] = {}
     for i in range(start, stop + 1):
-        for d in shapes[i][4]:
-            if d is None:
-                continue
+        for d in shapes[i][2]:  # distinct: the scheduler counts one read per reader
             if d < start:
                 reads[d] = reads.get(d, 0) + 1
             else:
@@ -211,6 +213,7 @@ def _chain(start: int, stop: int, shapes: list[tuple], users: list[list[int]]) -
         tuple(feeds.items()),
         tuple(gives),
         tuple(map(tuple, last)),
+        gives_last=any(i == stop for i, _ in gives),
     )
 
 
