@@ -189,20 +189,61 @@ def test_a_chain_drops_values_as_the_scheduler_does(tiny_mlp: TinyMLP) -> None:
 
 
 def test_what_breaks_a_chain() -> None:
-    """In-place writes, keyword arguments, constants and a node reading nothing of the chain."""
+    """Writes (in place, through a method, ``inplace=True``) and point nodes; not keywords,
+    constants, slices or a node that reads nothing of the chain."""
     graph = Graph()
     graph.add("output", "layer1")
     graph.add("function", "operator.mul", (Ref(0), 2.0))  # 1: starts a chain
     graph.add("function", "operator.add", (Ref(1), 1.0))  # 2
     graph.add("function", "operator.setitem", (Ref(2), 0, 5.0))  # 3: writes
     graph.add("function", "operator.add", (Ref(2), 1.0))  # 4: starts one
-    graph.add("function", "torch.sum", (Ref(4),), {"dim": 0})  # 5: keywords
-    graph.add("function", "operator.add", (Ref(4), 1.0))  # 6
-    graph.add("function", "operator.mul", (Ref(6), 3.0))  # 7
-    graph.add("function", "operator.mul", (Ref(0), 3.0))  # 8: reads nothing of 6..7
-    graph.add("function", "operator.mul", (Ref(8), 3.0))  # 9
+    graph.add("method", "sum", (Ref(4),), {"dim": 0})  # 5: keywords
+    graph.add("function", "operator.add", (Ref(4), graph.constant(torch.ones(16))))  # 6
+    graph.add("function", "operator.getitem", (Ref(6), (slice(None), 0)))  # 7
+    graph.add("function", "operator.mul", (Ref(0), 3.0))  # 8: reads nothing of 4..7
+    graph.add("method", "add_", (Ref(8), 1.0))  # 9: writes
+    graph.add("function", "operator.mul", (Ref(0), 3.0))  # 10
+    graph.add("function", "torch.relu", (Ref(10),), {"inplace": True})  # 11: writes
+    graph.add("function", "operator.mul", (Ref(0), 3.0))  # 12
+    graph.add("output", "layer2")  # 13
+    graph.add("function", "operator.mul", (Ref(13), 3.0))  # 14
     found = Plan.build(graph).chains
-    assert {start: chain.stop for start, chain in found.items()} == {1: 2, 6: 7, 8: 9}
+    assert {start: chain.stop for start, chain in found.items()} == {1: 2, 4: 8}
+
+
+def test_a_chain_node_that_ran_on_its_own_earlier(tiny_mlp: TinyMLP) -> None:
+    graph = Graph()
+    graph.add("output", "layer1")
+    graph.add("output", "layer2")
+    graph.add("function", "operator.mul", (Ref(1), 3.0))  # the chain's start: at layer2
+    graph.add("function", "operator.mul", (Ref(0), 2.0))  # ready at layer1, so it runs then
+    graph.saved = [2, 3]
+    executor = Executor(tiny_mlp, graph, Batch((inputs(),), {}, 3))
+    assert executor.chains[2].stop == 3
+    saved = executor.run()
+    with torch.no_grad():
+        first = tiny_mlp.layer1(inputs())
+        exact(saved[3], first * 2.0)
+        exact(saved[2], tiny_mlp.layer2(tiny_mlp.act(first)) * 3.0)
+
+
+def test_per_head_slices_and_methods_in_a_loop(net: lt.Model) -> None:
+    """Slicing, methods with keywords and stacking: steps of any shape, against the hook."""
+    x = inputs()
+    with net.trace(x) as tracer:
+        h = net.layer2.output
+        norms = [h[:, 4 * k : 4 * k + 4].norm(dim=-1, keepdim=True) for k in range(4)]
+        saved = torch.cat(norms, dim=-1).softmax(dim=-1).save()
+    [chain] = Plan.of(tracer.graph).chains.values()
+    assert (chain.start, chain.stop) == (1, 10)
+    kept: list = []
+
+    def edit(module, args, out):
+        parts = [out[:, 4 * k : 4 * k + 4].norm(dim=-1, keepdim=True) for k in range(4)]
+        kept.append(torch.cat(parts, dim=-1).softmax(dim=-1))
+
+    hooked(net._module, x, post=[(net._module.layer2, edit)])
+    exact(saved, kept[0])
 
 
 def test_a_failure_inside_a_chain_names_its_line(net: lt.Model) -> None:
@@ -233,18 +274,27 @@ def test_runs_with_per_node_checks_use_no_chains(tiny_mlp: TinyMLP, option: str)
 
 # -- property: a chain does what the scheduler does -------------------------------------------
 
-_OPS = ("operator.add", "operator.mul", "operator.sub", "torch.tanh", "torch.clamp")
+_OPS = (
+    "operator.add",
+    "operator.mul",
+    "operator.sub",
+    "torch.tanh",
+    "torch.clamp",
+    "sum",
+    "getitem",
+)
 
 
 @st.composite
 def graphs(draw) -> Graph:
-    """Point reads of three moments mixed with small ops on any earlier value or a scalar,
-    some written back as a module's input; some values saved."""
+    """Point reads of three moments mixed with small ops on any earlier value, a scalar or a
+    constant (functions, a method with keywords, slicing), some written back as a module's
+    input; some values saved."""
     graph = Graph()
     for _ in range(draw(st.integers(3, 30))):
         i = len(graph.nodes)
         kind = draw(st.sampled_from(("read", "op", "op", "op", "op", "write")))
-        computed = [n.id for n in graph.nodes if n.op == "function"]
+        computed = [n.id for n in graph.nodes if n.op in ("function", "method")]
         if kind == "read" or i == 0:
             graph.add("output", draw(st.sampled_from(("layer1", "layer2", "layer3"))))
         elif kind == "write" and computed:
@@ -255,18 +305,26 @@ def graphs(draw) -> Graph:
         else:
             target = draw(st.sampled_from(_OPS))
             a = draw(st.integers(0, i - 1))
+            if graph.nodes[a].op == "set_input":
+                continue
             if target == "torch.tanh":
-                args: tuple = (Ref(a),)
+                graph.add("function", target, (Ref(a),))
             elif target == "torch.clamp":
-                args = (Ref(a), -0.5, 0.5)
+                graph.add("function", target, (Ref(a), -0.5, 0.5))
+            elif target == "sum":
+                graph.add("method", "sum", (Ref(a),), {"dim": 1, "keepdim": True})
+            elif target == "getitem":
+                graph.add("function", "operator.getitem", (Ref(a), (slice(None), slice(0, 4))))
             else:
-                other = draw(st.one_of(st.floats(-2, 2, width=32), st.integers(0, i - 1)))
-                if isinstance(other, int):
-                    if _width(graph, other) != _width(graph, a):
-                        other = a
-                    other = Ref(other)
+                other = draw(
+                    st.one_of(st.floats(-2, 2, width=32), st.integers(0, i - 1), st.just("c"))
+                )
+                if other == "c":
+                    other = graph.constant(torch.tensor(draw(st.floats(-2, 2, width=32))))
+                elif isinstance(other, int):
+                    fits = graph.nodes[other].op != "set_input"
+                    other = Ref(other if fits and _width(graph, other) == _width(graph, a) else a)
                 args = (Ref(a), other) if draw(st.booleans()) else (other, Ref(a))
-            if all(type(x) is not Ref or graph.nodes[x.id].op != "set_input" for x in args):
                 graph.add("function", target, args)
     values = [n.id for n in graph.nodes if n.op != "set_input"]
     graph.saved = draw(st.lists(st.sampled_from(values), max_size=4, unique=True))
@@ -277,6 +335,10 @@ def _width(graph: Graph, i: int) -> int:
     node = graph.nodes[i]
     if node.op == "output":
         return {"layer1": 16, "layer2": 16, "layer3": 4}[node.target]
+    if node.op == "method":
+        return 1
+    if node.target == "operator.getitem":
+        return min(4, _width(graph, node.deps()[0]))
     return _width(graph, node.deps()[0])
 
 

@@ -1,34 +1,33 @@
-"""Chains: runs of plain function nodes replayed as one unit, without the per-node scheduler.
+"""Chains: runs of compute nodes replayed as one unit, without the per-node scheduler.
 
-Research code records long runs of small ops on a value (``h = h * 1.0001 + 0.0`` in a loop,
-per-head arithmetic). The executor's scheduler pays, per node, a heap push and pop and the
+Research code records long runs of small ops (``h = h * 1.0001 + 0.0`` in a loop, per-head
+slices and sums). The executor's scheduler pays, per node, a heap push and pop and the
 bookkeeping of who waits for whom. A :class:`Chain` is a run of consecutive nodes
-``start..stop`` that need none of it:
+``start..stop``, each a ``function`` or ``method`` node that writes into nothing and runs once
+(not at every call), found once per graph structure with the plan.
 
-* each is a ``function`` node that writes into nothing, has no keyword arguments and whose
-  positional arguments are node values or scalars (its :func:`~lazytensor.core.graph.pattern`
-  has no ``OTHER``), and runs once (not at every call);
-* each node after ``start`` reads an earlier node of the chain, so none of them can become
-  ready before ``start`` runs.
+When ``start`` is ready, every value the chain reads from before it exists and none of its
+nodes has run on its own yet (:meth:`Chain.ready`), the whole chain runs in recording order,
+which is the order the scheduler would have run it in (nothing outside the chain has an id
+between its nodes), and the scheduler's counters are updated once for the chain
+(:meth:`Executor._ran_chain`). Otherwise its nodes run one by one as before.
 
-When ``start`` is ready and every value the chain reads from outside is there (:meth:`ready`),
-the whole chain runs in recording order, exactly as the scheduler would have run it, and the
-scheduler's counters are updated once for the chain (:meth:`Executor._ran_chain`). Otherwise
-its nodes run one by one as before. The chain's shape is part of the plan, so it is found
-once per graph structure; the functions it calls are resolved on its first run.
-
-A node's value that only the next node reads lives in a local variable, as it would in the
-same loop written by hand; the others are stored with the executor's values. Scalar
-arguments are read from the running graph's nodes, so one chain serves every graph of its
-structure, whatever its constants.
+Each step is specialized on where its arguments come from (:data:`_PAIRS`): a value only the
+next node reads lives in a local variable, as in the same loop written by hand, and scalars
+are read from the running graph's nodes, so one chain serves every graph of its structure.
+Anything else (slices, containers, constants, keywords) is resolved as the executor resolves
+it (:func:`_call`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..core import ops
-from ..core.graph import OTHER, Graph
+from ..core.graph import OTHER, Graph, Node
+from .evaluate import call_method, resolve
 
 #: The fewest nodes worth a chain (a single node gains nothing from one).
 SHORTEST = 2
@@ -69,11 +68,12 @@ class Chain:
     gives_last: bool = True
 
     def ready(self, done: list[bool]) -> bool:
-        """Whether every value the chain reads from outside exists."""
+        """Whether every value the chain reads from outside exists, and none of its nodes
+        has run yet (one that reads only outside values may have run on its own)."""
         for d in self.outside:
             if not done[d]:
                 return False
-        return True
+        return not any(done[self.start : self.stop + 1])
 
     def run(self, graph: Graph, values: list, kept: set[int] | frozenset[int]) -> None:
         """Compute the chain into ``values``: afterwards they hold the chain nodes read after
@@ -84,7 +84,7 @@ class Chain:
         for k in kept:
             if start <= k < stop:  # a value inside the chain is saved: keep every value
                 return self._run_keeping(graph, values, kept)
-        nodes, v, i = graph.nodes, None, start
+        nodes, consts, v, i = graph.nodes, graph.constants, None, start
         try:
             for i, kind, fn, a, b, store in self.steps:
                 if kind == _LS:
@@ -108,8 +108,7 @@ class Chain:
                 elif kind == _SV:
                     v = fn(nodes[i].args[0], values[b])
                 else:
-                    v = fn(*[values[x] if x is not None else y
-                             for x, y in zip(a, nodes[i].args)])  # fmt: skip
+                    v = _call(fn, a, nodes[i], values, consts)
                 if store:
                     values[i] = v
         except Exception as exc:
@@ -122,21 +121,28 @@ class Chain:
     def _run_keeping(self, graph: Graph, values: list, kept: set[int] | frozenset[int]) -> None:
         """:meth:`run` storing every value, and dropping each after its last reader unless
         ``kept``: what the scheduler does, node by node."""
-        nodes, i = graph.nodes, self.start
+        nodes, consts, i = graph.nodes, graph.constants, self.start
         try:
-            for i, pattern, fn, dead in zip(
-                range(self.start, self.stop + 1),
-                (node.shape()[4] for node in nodes[self.start : self.stop + 1]),
-                (step[2] for step in self.steps),
-                self.last,
-            ):
-                values[i] = fn(*[values[x] if x is not None else y
-                                 for x, y in zip(pattern, nodes[i].args)])  # fmt: skip
+            for (i, _, fn, _, _, _), dead in zip(self.steps, self.last):
+                node = nodes[i]
+                values[i] = _call(fn, node.shape()[4], node, values, consts)
                 for x in dead:
                     if x not in kept:
                         values[x] = None
         except Exception as exc:
             raise Failed(i, exc) from exc
+
+
+def _call(fn: Callable, pattern: tuple, node: Node, values: list, consts: list) -> Any:
+    """``fn`` on any node's arguments: values, scalars, and (``OTHER``) anything else,
+    resolved as the executor resolves it (slices, containers, constants)."""
+    args = [
+        y if x is None else values[x] if x >= 0 else resolve(y, values, consts)
+        for x, y in zip(pattern, node.args)
+    ]
+    if node.kwargs:
+        return fn(*args, **resolve(node.kwargs, values, consts))
+    return fn(*args)
 
 
 class Failed(Exception):
@@ -161,11 +167,7 @@ def find(
             i += 1
             continue
         stop = i
-        while (
-            stop + 1 < n
-            and _eligible(shapes[stop + 1], stop + 1, mutating, repeating)
-            and any(d >= i for d in shapes[stop + 1][2])
-        ):
+        while stop + 1 < n and _eligible(shapes[stop + 1], stop + 1, mutating, repeating):
             stop += 1
         if stop - i + 1 >= SHORTEST:
             chains[i] = _chain(i, stop, shapes, users)
@@ -174,14 +176,12 @@ def find(
 
 
 def _eligible(shape: tuple, i: int, mutating: set[int], repeating: set[int]) -> bool:
-    op, _, deps, _, pattern, kw = shape
+    op, _, _, _, pattern, _ = shape
     return (
-        op == "function"
-        and not kw
+        (op == "function" or op == "method")
+        and bool(pattern)
         and i not in mutating
-        and i not in repeating
-        and OTHER not in pattern
-        and len(pattern) > 0
+        and (i not in repeating)
     )
 
 
@@ -226,26 +226,30 @@ _SINGLES = {(True,): _L, ("V",): _V}
 def _steps(chain: Chain, graph: Graph) -> tuple[list[tuple], tuple[int, ...]]:
     """The chain's steps and scratch values (see :class:`Chain`)."""
     start, stop = chain.start, chain.stop
-    patterns = [graph.nodes[i].shape()[4] for i in range(start, stop + 1)]
+    nodes = graph.nodes[start : stop + 1]
     stored = {i for i, _ in chain.gives} | {stop}
     kinds = []
-    for i, pattern in zip(range(start, stop + 1), patterns):
+    for i, node in enumerate(nodes, start):
+        _, _, deps, _, pattern, keywords = node.shape()
+        top = {p for p in pattern if p is not None and p >= 0}
+        stored.update(d for d in deps if d >= start and d not in top)  # read inside arguments
         # an argument is the previous node's value (True), a stored one ("V") or a scalar
-        where = tuple(
-            False if p is None else True if p == i - 1 and i > start else "V" for p in pattern
-        )
-        kind = (_PAIRS if len(where) == 2 else _SINGLES).get(where, _ANY)
+        where = tuple(False if p is None else True if p == i - 1 and i > start else "V"
+                      for p in pattern)  # fmt: skip
+        plain = OTHER not in pattern and not keywords
+        kind = (_PAIRS if len(where) == 2 else _SINGLES).get(where, _ANY) if plain else _ANY
         if kind == _ANY:
-            stored.update(p for p in pattern if p is not None and p >= start)
+            stored.update(top)
         else:
-            stored.update(p for p, w in zip(pattern, where) if w == "V" and p >= start)
+            stored.update(p for p, w in zip(pattern, where) if w == "V")
         kinds.append(kind)
     steps = []
-    for i, pattern, kind in zip(range(start, stop + 1), patterns, kinds):
+    for i, node, kind in zip(range(start, stop + 1), nodes, kinds):
         try:
-            fn = ops.runnable_function(graph.nodes[i].target)  # allow-listed names only
+            fn = _function(node)  # allow-listed names only: raises otherwise
         except Exception as exc:
             raise Failed(i, exc) from exc
+        pattern = node.shape()[4]
         refs = [p for p in pattern if p is not None]
         if kind == _ANY:
             a, b = pattern, None
@@ -254,5 +258,19 @@ def _steps(chain: Chain, graph: Graph) -> tuple[list[tuple], tuple[int, ...]]:
         else:
             a, b = refs[0], refs[-1]
         steps.append((i, kind, fn, a, b, i in stored))
-    scratch = tuple(sorted(stored - {i for i, _ in chain.gives} - {stop}))
+    given = {i for i, _ in chain.gives}
+    scratch = tuple(sorted(d for d in stored if start <= d < stop and d not in given))
     return steps, scratch
+
+
+def _function(node: Node) -> Callable:
+    """What a step calls: the allow-listed function, or a call of the tensor method."""
+    if node.op == "function":
+        return ops.runnable_function(node.target)
+    named = Node(-1, "method", node.target)
+    ops.runnable_method(node.target)  # refuses a name outside the allow-list now
+
+    def method(*args: Any, **kwargs: Any) -> Any:
+        return call_method(named, args, kwargs)
+
+    return method

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 def submit(trace: Trace) -> None:
     try:
-        trace.job = trace.backend.submit(RunRequest(trace.graph, trace._batch()))
+        request = RunRequest(trace.graph, trace._batch(), compile=trace.compile)
+        trace.job = trace.backend.submit(request)
     except BaseException:
         trace.state = State.FAILED
         raise
