@@ -149,6 +149,20 @@ class ServerProcess:
         return self.process.returncode
 
 
+@contextlib.contextmanager
+def server_process(
+    model_path: pathlib.Path, log_path: pathlib.Path, *extra: str
+) -> Iterator[ServerProcess]:
+    """A :class:`ServerProcess` started with the ``extra`` flags (``--compile aot_eager``),
+    ready when this yields, stopped after, also on failure."""
+    server = ServerProcess(model_path, log_path, *extra)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 # -- fixtures (registered in conftest.py) ------------------------------------------------------
 
 

@@ -44,7 +44,9 @@ class RunRequest:
     stop_at: int | None = None
     fake_mode: Any = None
     segments: tuple[Segment, ...] = ()  # a session: these runs in order, and no graph
-    compile: bool | str = False  # compiled replay (lazytensor.runtime.compiled); a str: backend
+    # compiled replay (lazytensor.runtime.compiled); a str names the backend. Remotely, where
+    # the server's operator allows it (lazytensor serve --compile), else eager with a note.
+    compile: bool | str = False
 
 
 class Job(Protocol):

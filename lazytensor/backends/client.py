@@ -17,6 +17,7 @@ no job holds it while it waits, and replies read by one job for another are kept
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets
 import sys
@@ -36,6 +37,8 @@ from .base import JobState, RunRequest
 from .transport import Transport, ZmqTransport
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+
+log = logging.getLogger("lazytensor")
 
 _STATES = frozenset(state.value for state in JobState)
 
@@ -125,6 +128,8 @@ class Connection:
             request.stop_at,
             request.fake_mode is not None,
             request.segments,
+            # compiled replay is for plain runs, as locally: a materialization stays eager
+            request.compile if request.stop_at is None and request.fake_mode is None else False,
         )
         job = RemoteJob(self, run, request.fake_mode)
         job.send()
@@ -215,6 +220,8 @@ class RemoteJob:
     def result(self, timeout: float | None = None) -> dict[int, Any]:
         """Wait for the job; returns node id -> value (raises the server's error)."""
         reply = self.wait(timeout)
+        if reply.note:
+            _tell(reply.note)
         values = dict(reply.values)
         if self.fake_mode is not None:
             values = {k: _fake(v, self.fake_mode) for k, v in values.items()}
@@ -324,6 +331,16 @@ class RemoteJob:
             self._error = error
             return
         self.state, self._reply = JobState.COMPLETED, message
+
+
+_told: set[str] = set()
+
+
+def _tell(note: str) -> None:
+    """Log a server's note on a run (why a compile wish ran eagerly) once per text, at INFO."""
+    if note not in _told and len(_told) < 64:
+        _told.add(note)
+        log.info("the server says: %s", note)
 
 
 def _nbytes(reply: Any) -> int:

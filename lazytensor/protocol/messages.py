@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +41,11 @@ from .values import _is_int, _malformed
 MAX_ID_LENGTH = 128
 #: Most earlier results one request may acknowledge (``Request.acks``).
 MAX_ACKS = 64
+#: The ``torch.compile`` backends a run may name in its ``compile`` field (compiled replay,
+#: :mod:`lazytensor.runtime.compiled`); a server compiles with those its operator allows.
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+#: Longest ``note`` a result may carry.
+MAX_NOTE = 1024
 
 
 def encode_graph(graph: Graph) -> dict:
@@ -251,7 +256,9 @@ class Describe(Request):
 @dataclass(frozen=True)
 class Run(Request):
     """Run ``graph`` on ``model`` with ``batch``; ``stop_at`` ends the run after that node;
-    ``fake`` asks for shapes only (a shape-only pass answers ``.shape`` inside a trace).
+    ``fake`` asks for shapes only (a shape-only pass answers ``.shape`` inside a trace);
+    ``compile`` asks for compiled replay: ``True``, or a backend of :data:`COMPILE_BACKENDS`
+    (sent only when asked; a server compiles only if its operator allows it).
 
     A session sends its ``segments`` instead (and an empty graph): its runs in order, each a
     graph with a batch, or session code with none; its result's values are keyed by segment,
@@ -264,11 +271,14 @@ class Run(Request):
     stop_at: int | None = None
     fake: bool = False
     segments: tuple[Segment, ...] = ()
+    compile: bool | str = False
 
     def body(self) -> dict:
         body = {**super().body(), "graph": encode_graph(self.graph)}
         body["batch"] = _encode_batch(self.batch)
         body.pop("segments", None)
+        if self.compile is False:
+            del body["compile"]
         if self.segments:
             body["segments"] = [
                 {"graph": encode_graph(s.graph), "batch": s.batch and _encode_batch(s.batch)}
@@ -296,7 +306,14 @@ class Run(Request):
             raise _malformed("a run request", "its model or fake flag", "a str and a bool")
         fields_ = {**body, "graph": graph, "batch": decode_batch(body.get("batch"))}
         fields_["segments"] = segments
-        return super().from_body(fields_)
+        wish = fields_.pop("compile", False)
+        if type(wish) is not bool and wish not in COMPILE_BACKENDS:
+            raise ProtocolError(
+                f"compile={wish!r:.80} names no backend a lazytensor server compiles with: "
+                f"send compile=True, False or one of {', '.join(map(repr, COMPILE_BACKENDS))}"
+            )
+        run = super().from_body(fields_)
+        return replace(run, compile=wish) if wish is not False else run
 
 
 @dataclass(frozen=True)
@@ -345,17 +362,28 @@ class Status(Message):
 
 @dataclass(frozen=True)
 class Result(Message):
-    """The saved values of a run, by node id."""
+    """The saved values of a run, by node id; ``note`` says why a run that asked for
+    compiled replay ran eagerly (sent only when there is one)."""
 
     KIND: ClassVar[str] = "result"
     values: dict = field(default_factory=dict)
+    note: str = ""
+
+    def body(self) -> dict:
+        body = super().body()
+        if not self.note:
+            del body["note"]
+        return body
 
     @classmethod
     def from_body(cls, body: dict) -> Result:
         values = body.get("values")
         if not isinstance(values, dict) or not all(map(_is_int, values)):
             raise _malformed("a result's values", values, "a mapping of node ids to values")
-        return cls(_reply_id(body, cls.KIND), values)
+        note = body.get("note", "")
+        if not isinstance(note, str) or len(note) > MAX_NOTE:
+            raise _malformed("a result's note", note, f"a str of at most {MAX_NOTE} characters")
+        return cls(_reply_id(body, cls.KIND), values, note)
 
 
 @dataclass(frozen=True)

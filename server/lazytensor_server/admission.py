@@ -72,6 +72,7 @@ class Estimate:
     failure: NodeFailure | None = None  # a bound of lazytensor's own, hit in the pass
     peak_segment: int | None = None  # of a session: the segments of the nodes above
     saved_segment: int | None = None
+    whole: bool = False  # the pass ran every node: no shape depends on values
 
 
 _cache: OrderedDict[tuple, Estimate] = OrderedDict()
@@ -90,7 +91,8 @@ def admitted(worker: Any, jobs: list) -> list:
     for job in jobs:
         try:
             if not job.fake:
-                admit(worker.served.module, job, limits, trusted=worker.trusted)
+                job.shapes_known = admit(worker.served.module, job, limits,
+                                         trusted=worker.trusted)  # fmt: skip
         except Exception as exc:  # refused: this job's failure only
             log.info("request %s refused at admission: %s", job.id[:12], exc)
             worker.served_count += 1
@@ -100,8 +102,12 @@ def admitted(worker: Any, jobs: list) -> list:
     return kept
 
 
-def admit(module: torch.nn.Module, job: Any, limits: Limits, *, trusted: bool) -> None:
+def admit(module: torch.nn.Module, job: Any, limits: Limits, *, trusted: bool) -> bool:
     """Refuse ``job`` (a :class:`~.worker.Job`) if a shape-only pass finds it over a limit.
+
+    Returns:
+        Whether every value's shape is known from the input shapes (the pass ran every node,
+        or none of its ops needs one): what compiled replay asks (:mod:`.compiling`).
 
     Raises:
         NodeFailure: of a :class:`LimitExceeded` naming the node and the flag.
@@ -117,11 +123,13 @@ def admit(module: torch.nn.Module, job: Any, limits: Limits, *, trusted: bool) -
                 raise
         found = estimate_session(module, job.segments, limits, trusted, deadline)
         _check(graphs, found, limits)
-        return
+        return found.whole
     check_arguments(job.graph, trusted)
-    if needs_pass(job.graph, job.batch):  # else the per-op bounds suffice
-        _check([job.graph], estimate(module, job.graph, job.batch, limits, trusted, deadline),
-               limits)  # fmt: skip
+    if not needs_pass(job.graph, job.batch):  # the per-op bounds suffice
+        return True
+    found = estimate(module, job.graph, job.batch, limits, trusted, deadline)
+    _check([job.graph], found, limits)
+    return found.whole
 
 
 def needs_pass(graph: Graph, batch: Batch) -> bool:
@@ -230,7 +238,7 @@ def estimate(
     deadline: float | None = None,
 ) -> Estimate:
     """The :class:`Estimate` of running ``graph`` on ``batch``, from the cache if known."""
-    key = (id(module), graph.structure_key(), _shapes(batch), trusted, limits.max_memory)
+    key = (id(module), graph.structure_key(), shapes(batch), trusted, limits.max_memory)
     return _cached(key, lambda: _measure(module, [Segment(graph, batch)], trusted, deadline,
                                          limits))  # fmt: skip
 
@@ -244,10 +252,10 @@ def estimate_session(
 ) -> Estimate:
     """The :class:`Estimate` of running a session's ``segments`` in order, from the cache if
     known: nodes are named with their segment (``peak_segment``, ``saved_segment``)."""
-    shapes = tuple(
-        (s.graph.structure_key(), None if s.batch is None else _shapes(s.batch)) for s in segments
+    structure = tuple(
+        (s.graph.structure_key(), None if s.batch is None else shapes(s.batch)) for s in segments
     )
-    key = (id(module), "session", shapes, trusted, limits.max_memory)
+    key = (id(module), "session", structure, trusted, limits.max_memory)
     return _cached(key, lambda: _measure(module, list(segments), trusted, deadline, limits))
 
 
@@ -265,7 +273,9 @@ def _cached(key: tuple, measure: Any) -> Estimate:
     return result
 
 
-def _shapes(batch: Batch) -> str:
+def shapes(batch: Batch) -> str:
+    """A key of ``batch``'s input shapes and dtypes (and its plain values)."""
+
     def shape(value: Any) -> Any:
         return (tuple(value.shape), str(value.dtype)) if isinstance(value, torch.Tensor) else value
 
@@ -295,12 +305,14 @@ def _measure(
         sizers.append(sizer)
         return sizer.run_plain() if plain else sizer.run()
 
-    failure = None
+    failure, whole = None, False
     try:
         if len(segments) == 1 and segments[0].batch is not None:
             execute(segments[0].graph, segments[0].batch)
         else:
             session.run(segments, execute)
+        # every node ran: a data-dependent op of the model's own ends a pass quietly
+        whole = all(all(sizer.done) for sizer in sizers)
     except NodeFailure as exc:  # the pass ends here; the run itself fails here or is bounded
         if isinstance(exc.error, LimitExceeded):
             failure = exc
@@ -311,13 +323,16 @@ def _measure(
         ) from None
     except Exception as exc:  # what ran until here is measured; the run bounds the rest
         log.debug("shape-only pass stopped early: %s", exc)
-    return _combined(sizers, failure, session=len(segments) > 1 or segments[0].batch is None)
+    several = len(segments) > 1 or segments[0].batch is None
+    return _combined(sizers, failure, session=several, whole=whole)
 
 
-def _combined(sizers: list[Sizer], failure: NodeFailure | None, *, session: bool) -> Estimate:
+def _combined(
+    sizers: list[Sizer], failure: NodeFailure | None, *, session: bool, whole: bool
+) -> Estimate:
     """One estimate of the segments' passes: the highest peak, the saved bytes of all."""
     if not sizers:
-        return Estimate(failure=failure)
+        return Estimate(failure=failure, whole=whole)
     over = [i for i, sizer in enumerate(sizers) if sizer.over]
     top = over[0] if over else max(range(len(sizers)), key=lambda i: sizers[i].peak)
     peak = max(sizer.peak for sizer in sizers)
@@ -329,7 +344,7 @@ def _combined(sizers: list[Sizer], failure: NodeFailure | None, *, session: bool
             largest, saved_node, saved_segment = size, node, index
     return Estimate(
         peak, sizers[top].peak_node, saved, saved_node, failure,
-        top if session else None, saved_segment if session else None,
+        top if session else None, saved_segment if session else None, whole,
     )  # fmt: skip
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from lazytensor.protocol.messages import COMPILE_BACKENDS
+
 from . import child
 from .curve import Curve
 from .peers import Peers
@@ -172,6 +174,24 @@ def serve_in_thread(service: Service, address: str = "tcp://127.0.0.1:0") -> App
     return app
 
 
+def _backends(parser: Any, args: Any) -> tuple[str, ...]:
+    """The backends ``--compile`` allows, checked with the flags it goes with."""
+    backends = tuple(name.strip() for name in args.compile.split(",") if name.strip())
+    unknown = [name for name in backends if name not in COMPILE_BACKENDS]
+    if unknown or len(set(backends)) < len(backends):
+        parser.error(
+            f"--compile {args.compile}: give distinct backends from {', '.join(COMPILE_BACKENDS)}"
+        )
+    if args.compile_after < 0 or (args.compile_after and not backends):
+        parser.error("--compile-after N takes N >= 0, and --compile BACKENDS to compile with")
+    if backends and args.workers == "thread":
+        parser.error(
+            "--compile needs --workers process: a compiled run never checks the clock, and "
+            "only a worker process can be stopped past --max-seconds"
+        )
+    return backends
+
+
 def main(argv: list[str] | None = None) -> int:
     """``lazytensor serve``: load models and serve them until SIGTERM."""
     import argparse
@@ -244,6 +264,23 @@ def main(argv: list[str] | None = None) -> int:
         "thread of the server (no such stop: for trusted single users)",
     )
     parser.add_argument(
+        "--compile",
+        default="",
+        metavar="BACKENDS",
+        help="run requests that ask for it (trace(..., compile=...)) as compiled replay, in "
+        "the worker process: the torch.compile backends clients may ask for, comma-separated, "
+        f"from {', '.join(COMPILE_BACKENDS)}; the first is what compile=True means. Off by "
+        "default; compiling counts against --max-seconds",
+    )
+    parser.add_argument(
+        "--compile-after",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --compile: also compile any plain request whose graph structure and input "
+        "shapes the worker has run N times, asked or not (with the first backend)",
+    )
+    parser.add_argument(
         "--grace",
         type=float,
         default=30.0,
@@ -266,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         default = getattr(defaults, field)
         parser.add_argument(flag, dest=field, type=type(default), default=default)
     args = parser.parse_args(argv)
+    args.compile = _backends(parser, args)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port} is not a TCP port: give 1-65535, or 0 for a free one")
     sources = [*args.paths, *args.model]

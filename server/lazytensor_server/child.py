@@ -312,6 +312,7 @@ def main(conn: Any, module: torch.nn.Module, spec: tuple, limits: Limits, truste
             conn.send_bytes(msgpack.packb(["deadline", deadline]))
 
     runner.watch = watch
+    runner.compiler.killable = True  # compiled replay runs here: a run past its end is killed
     conn.send_bytes(msgpack.packb(["ready"]))
     while True:
         try:

@@ -81,5 +81,5 @@ def job_of(request: m.Run, model: str, limits: Limits, *, positional: bool) -> J
     )
     batch = batch_of(request.batch, limits, positional=positional) if not segments else Batch()
     job = Job(request.id, None, model, request.graph, batch, request.stop_at, request.fake, 0)
-    job.segments = segments
+    job.segments, job.compile = segments, request.compile
     return job

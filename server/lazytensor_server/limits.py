@@ -31,6 +31,12 @@ class Limits:
     #: open at once (idle ones too); a connection over it is shut down as it is accepted.
     #: 0 turns the cap off.
     max_connections_per_address: int = 256
+    #: The ``torch.compile`` backends a run may ask for as compiled replay (``--compile``;
+    #: the first is what ``compile=True`` means); empty: every run is eager.
+    compile: tuple[str, ...] = ()
+    #: With ``compile``: compile any plain run of a structure its worker has run this many
+    #: times, asked or not (``--compile-after``); 0: only runs that ask.
+    compile_after: int = 0
 
 
 def check(what: str, value: float, limit: float, flag: str) -> None:

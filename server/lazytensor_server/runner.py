@@ -4,7 +4,9 @@ A group is run as one forward pass over its jobs' rows (:mod:`.batching`); a job
 share a forward runs alone. A failure of one job (a user error, out of memory, a timeout)
 fails that job only: when a merged forward fails, the job whose node failed runs alone and the
 others run again without it (once; after a second failure, or one no node owns, each job runs
-alone), so every job gets the outcome it gets alone. Outcomes are reported as data through
+alone), so every job gets the outcome it gets alone. A plain job that runs alone may run as
+compiled replay, where the operator allows it (:mod:`.compiling`; a merged forward is always
+eager). Outcomes are reported as data through
 ``done``. Whoever holds the runner (a worker thread, or a worker process: :mod:`.child`) is
 told each run's deadline through ``watch`` before the run starts, so that it can stop a run
 that overruns it in an op that never checks the clock.
@@ -30,7 +32,7 @@ from lazytensor.runtime import fake, session
 from lazytensor.runtime.device import device_of, to_device
 from lazytensor.runtime.executor import Executor
 
-from . import admission, batching
+from . import admission, batching, compiling
 from .limits import Limits, check
 
 log = logging.getLogger("lazytensor.server")
@@ -57,6 +59,9 @@ class Job:
     weight: float = 1.0  # its owner's share of turns (the key file's weight=)
     position: int | None = None  # the queue position its owner was last told
     frames: list | None = None  # the request as received: what a worker process decodes
+    compile: bool | str = False  # the client's wish for compiled replay (see .compiling)
+    shapes_known: bool = False  # admission knew every value's shape from the inputs' shapes
+    note: str = ""  # for its result: why a compile wish ran eagerly
 
     @functools.cached_property
     def group_key(self) -> tuple | None:
@@ -78,6 +83,7 @@ class Runner:
         self.served, self.limits, self.done = served, limits, done
         self.served_count = 0
         self.watch: Callable[[float], None] = _ignore  # told each run's deadline
+        self.compiler = compiling.Compiler(limits)  # compiled replay of plain runs alone
 
     def _deadline(self) -> float:
         deadline = time.monotonic() + self.limits.max_seconds
@@ -97,7 +103,8 @@ class Runner:
     def _alone(self, job: Job) -> m.Message:
         job.forward_rows, job.forward_jobs = job.batch.size, 1
         try:
-            return m.Result(job.id, self._run(job))
+            values = self._run(job)
+            return m.Result(job.id, values, job.note)
         except Exception as exc:  # one job's failure is that job's only
             return m.Failure.of(job.id, exc)
 
@@ -135,7 +142,8 @@ class Runner:
         messages: list[m.Message] = []
         for job, saved in zip(jobs, values):
             try:
-                messages.append(m.Result(job.id, self._finish(job, saved)))
+                note = compiling.shared_note(job, self.limits, len(jobs))
+                messages.append(m.Result(job.id, self._finish(job, saved), note))
             except Exception as exc:
                 messages.append(m.Failure.of(job.id, exc))
         return messages
@@ -168,7 +176,8 @@ class Runner:
                 runs = session.run(list(job.segments), execute)
                 values: dict = {i: run for i, run in enumerate(runs)}
             else:
-                values = execute(job.graph, job.batch)
+                found = self.compiler.run(module, job)
+                values = execute(job.graph, job.batch) if found is None else found
         except TimeoutError as exc:
             raise TimeoutError(
                 f"{exc}: over this server's limit of {self.limits.max_seconds:g} s "
