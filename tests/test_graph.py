@@ -6,6 +6,8 @@ module exactly like the same intervention written as a hook.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import lazytensor as lt
@@ -58,6 +60,20 @@ def test_add_call_makes_the_node_add_makes() -> None:
     for got, want in zip(fast.nodes, slow.nodes, strict=True):
         assert got == want and got.deps() == want.deps() and got.shape() == want.shape()
     assert fast.sites == slow.sites and fast.structure_key() == slow.structure_key()
+
+
+def test_add_and_add_call_set_every_field_the_constructor_sets() -> None:
+    graph = g.Graph()
+    made = graph.add("output", "layer1", (g.Ref(0), 2), {"k": 1}, call=(0, None, 1), rows=(0, 3))
+    want = g.Node(0, "output", "layer1", (g.Ref(0), 2), {"k": 1}, (0, None, 1), (0, 3))
+    called = graph.nodes[graph.add_call("operator.mul", (g.Ref(0), 2.0), (0,), (0, None), None)]
+    want_called = g.Node(1, "function", "operator.mul", (g.Ref(0), 2.0))
+    for field in dataclasses.fields(g.Node):  # a field added to Node must be set by both
+        assert getattr(made, field.name) == getattr(want, field.name), field.name
+        if field.name not in ("_deps", "_shape"):  # filled in by add_call
+            assert getattr(called, field.name) == getattr(want_called, field.name), field.name
+    assert (repr(made), repr(called)) == (repr(want), repr(want_called))
+    assert (called._deps, called._shape) == (want_called.deps(), want_called.shape())
 
 
 def test_shapes_tell_apart_what_replays_differently() -> None:

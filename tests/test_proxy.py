@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import operator
 import pickle
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ class Log:
         self.value = torch.tensor(3.0) if value is None else value
         self.calls: list[tuple] = []
 
-    def apply(self, op, target, args, kwargs=None):
+    def apply(self, op, target, args, kwargs=None, depth=1):
         self.calls.append(("apply", op, target, args, kwargs or {}))
         return "recorded"
 
@@ -320,3 +322,110 @@ def test_every_operator_a_proxy_records_is_allow_listed() -> None:
     assert trace._ALLOWED_OPERATORS == {*ops.DUNDERS.values(), *ops.REFLECTED.values()}
     for target in trace._ALLOWED_OPERATORS:
         assert callable(ops.resolve_function(target))
+
+
+# -- the fast paths record what the general path records ------------------------------------------
+
+
+def facts(node) -> tuple:
+    """All a node is apart from its id: what equal graphs, plans and replays compare."""
+    return (node.op, node.target, node.args, node.kwargs, node.call, node.rows, node.deps(),
+            node.shape(), node.key())  # fmt: skip
+
+
+def lines(tracer, proxies) -> set:
+    return {(tracer.graph.sites[p._node].file, tracer.graph.sites[p._node].line) for p in proxies}
+
+
+def test_operators_record_on_their_fast_path_what_apply_records(tiny_mlp: TinyMLP) -> None:
+    net = lt.Model(tiny_mlp)
+    with net.trace(torch.ones(2, 8)) as tracer:
+        h = net.layer1.output
+        g = h * 3.0
+        line = sys._getframe().f_lineno + 1
+        fast = [h * 2.0, 1 - h, h + h, h - g, g / h, h**2, 2**h, h > 0.5, h == None]  # noqa: E711
+        slow = [
+            tracer.apply("function", target, args)
+            for target, args in [
+                ("operator.mul", (h, 2.0)),
+                ("operator.sub", (1, h)),
+                ("operator.add", (h, h)),
+                ("operator.sub", (h, g)),
+                ("operator.truediv", (g, h)),
+                ("operator.pow", (h, 2)),
+                ("operator.pow", (2, h)),
+                ("operator.gt", (h, 0.5)),
+                ("operator.eq", (h, None)),
+            ]
+        ]
+    nodes = tracer.graph.nodes
+    assert [facts(nodes[p._node]) for p in fast] == [facts(nodes[p._node]) for p in slow]
+    assert lines(tracer, fast) == {(__file__, line)}
+
+
+def test_methods_indexing_and_torch_functions_record_what_apply_records(tiny_mlp) -> None:
+    net = lt.Model(tiny_mlp)
+    left = torch.ones(16)
+    with net.trace(torch.ones(2, 8)) as tracer:
+        h = net.layer1.output
+        n = h.size(0) // 2  # a plain int (shapes are known while recording)
+        line = sys._getframe().f_lineno + 1
+        proxies = [h.sum(-1), h.sum(-1), h.sum(dim=-1), h[:, 0], h[..., 1:n], -h]
+        torches = [torch.relu(h), torch.relu(h), left - h, torch.Tensor.__rsub__(left, h)]
+        fast = [*proxies, *torches, F.softmax(h, dim=-1)]
+        softmax = tracer.graph.nodes[fast[-1]._node].kwargs
+        slow = [
+            tracer.apply("method", "sum", (h, -1)),
+            tracer.apply("method", "sum", (h, -1)),
+            tracer.apply("method", "sum", (h,), {"dim": -1}),
+            tracer.apply("function", "operator.getitem", (h, (slice(None), 0))),
+            tracer.apply("function", "operator.getitem", (h, (..., slice(1, n)))),
+            tracer.apply("function", "operator.neg", (h,)),
+            tracer.apply("function", "torch.relu", (h,)),
+            tracer.apply("function", "torch.relu", (h,)),
+            tracer.apply("method", "sub", (left, h)),  # what Tensor.__sub__ dispatches as
+            tracer.apply("function", "operator.sub", (h, left)),
+            tracer.apply("function", "torch.nn.functional.softmax", (h,), softmax),
+        ]
+    nodes = tracer.graph.nodes
+    assert [facts(nodes[p._node]) for p in fast] == [facts(nodes[p._node]) for p in slow]
+    assert softmax["dim"] == -1 and tracer.graph.constants == [left]
+    assert lines(tracer, proxies) == {(__file__, line)}
+    assert lines(tracer, torches) == {(__file__, line + 1)}
+    assert lines(tracer, fast[-1:]) == {(__file__, line + 2)}
+
+
+def test_indexes_with_proxies_inside_keep_them(tiny_mlp: TinyMLP) -> None:
+    net = lt.Model(tiny_mlp)
+    with net.trace(torch.ones(2, 8)) as tracer:
+        h = net.layer1.output
+        k = h.argmax()
+        picked = h[:, k : k + 1 : 1]
+        node = tracer.graph.nodes[picked._node]
+    assert node.args == (Ref(h._node), (slice(None), slice(Ref(k._node), node.args[1][1].stop, 1)))
+    assert node.deps() == tuple(sorted({h._node, k._node, node.args[1][1].stop.id}))
+
+
+def test_ops_recorded_inside_lazytensor_name_the_users_line(tiny_mlp: TinyMLP) -> None:
+    net = lt.Model(tiny_mlp)
+    with net.trace(torch.ones(2, 8)) as tracer:
+        h = net.layer1.output
+        line = sys._getframe().f_lineno + 1
+        rows = list(h)  # Proxy.__iter__ indexes from lazytensor's own generator
+    assert len(rows) == 2 and lines(tracer, rows) == {(__file__, line)}
+
+
+def test_allowed_tensor_methods_are_found_on_the_class(log: Log, p: Proxy) -> None:
+    assert isinstance(vars(Proxy)["sum"], property) and "logits" not in vars(Proxy)
+    assert "save" in vars(Proxy) and not isinstance(vars(Proxy)["save"], property)
+    assert (p.sum, p.transpose, p.logits) == ("attribute",) * 3
+    assert log.calls == [("attribute", 0, n) for n in ("sum", "transpose", "logits")]
+
+
+def test_a_method_recorded_in_a_block_is_the_values_method_after_it(tiny_mlp: TinyMLP) -> None:
+    net = lt.Model(tiny_mlp)
+    box = types.SimpleNamespace()  # holds the proxy itself after the block (names get values)
+    with net.trace(torch.ones(2, 8)):
+        box.h = net.layer1.output.save()
+        box.h.sum(-1)  # "sum" is now answered at once while recording
+    assert isinstance(box.h, Proxy) and torch.equal(box.h.sum(-1), box.h.value.sum(-1))

@@ -6,7 +6,7 @@ import copy
 import pickle
 import sys
 
-from lazytensor.core import site
+from lazytensor.core import site, tree
 from lazytensor.core.site import Site
 
 
@@ -44,3 +44,25 @@ def test_here_and_at_name_the_line_of_user_code() -> None:
     line = sys._getframe().f_lineno + 1
     found = site.here(), site.at(sys._getframe())
     assert [(s.file, s.line) for s in found] == [(__file__, line)] * 2
+
+
+def first_here() -> Site:
+    return site.at(sys._getframe())
+
+
+def second_here() -> Site:  # the same code as first_here: its sites sit at the same offset
+    return site.at(sys._getframe())
+
+
+def test_a_line_recorded_again_has_the_same_site_and_others_their_own() -> None:
+    lines = [first_here.__code__.co_firstlineno + 1, second_here.__code__.co_firstlineno + 1]
+    for _ in range(2):
+        got = [first_here(), second_here()]
+        assert [(s.file, s.line) for s in got] == [(__file__, line) for line in lines]
+    assert first_here() is first_here()  # made once, while the line keeps recording
+
+
+def test_at_a_frame_of_lazytensor_names_the_user_line_below_it() -> None:
+    line = sys._getframe().f_lineno + 1
+    [found] = tree.map(lambda leaf: site.at(sys._getframe(1)), [0])  # frame 1: tree.map's
+    assert (found.file, found.line) == (__file__, line)

@@ -66,6 +66,9 @@ def ref(node_id: int) -> Ref:
     return made
 
 
+#: Makes a ``Ref`` or ``Node`` without its ``__init__``: a dataclass's ``__init__`` reached
+#: through ``type.__call__`` costs more than the stores it does. ``Graph.add`` then sets every
+#: field of a node itself (``tests/test_graph.py`` checks each against ``Node(...)``).
 _object_new = object.__new__
 _set_ref_id = Ref.id.__set__  # type: ignore[attr-defined]
 
@@ -162,9 +165,7 @@ OTHER = -1
 def pattern(args: tuple) -> tuple:
     """Per positional argument: the node id of a :class:`Ref`, ``None`` for a scalar (one of
     :data:`SCALARS`), :data:`OTHER` for anything else (a constant, a slice, a container)."""
-    return tuple(
-        [a.id if type(a) is Ref else None if type(a) in SCALARS else OTHER for a in args]
-    )
+    return tuple([a.id if type(a) is Ref else None if type(a) in SCALARS else OTHER for a in args])
 
 
 def _collect_refs(value: Any, found: list[int]) -> None:
@@ -220,8 +221,17 @@ class Graph:
         site: Site | None = None,
     ) -> Node:
         assert op in OPS, op
-        node = Node(len(self.nodes), op, target, args, kwargs or {}, call, rows)
-        self.nodes.append(node)
+        nodes = self.nodes
+        node = _object_new(Node)  # Node(len(nodes), op, ...) without __init__: see _object_new
+        node.id = len(nodes)
+        node.op = op
+        node.target = target
+        node.args = args
+        node.kwargs = kwargs or {}
+        node.call = call
+        node.rows = rows
+        node._deps = node._key = node._shape = None
+        nodes.append(node)
         self.sites.append(site)
         return node
 
@@ -234,8 +244,16 @@ class Graph:
         now, from those."""
         nodes = self.nodes
         i = len(nodes)
-        node = Node(i, "function", target, args, {}, 0, None)
+        node = _object_new(Node)  # as in add
+        node.id = i
+        node.op = "function"
+        node.target = target
+        node.args = args
+        node.kwargs = {}
+        node.call = 0
+        node.rows = None
         node._deps = deps
+        node._key = None
         node._shape = ("function", target, deps, 0, pattern, ())
         nodes.append(node)
         self.sites.append(site)

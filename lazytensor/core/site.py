@@ -6,7 +6,7 @@ up the stack past lazytensor's and torch's own frames to the first frame of user
 
 A site is captured on every recorded op, so capturing is kept cheap: it holds the frame's code
 object and instruction offset, and works out the file and line only when they are asked for
-(an error message, a warning).
+(an error message, a warning); a line that records again (a loop) reuses its site (:data:`KNOWN`).
 """
 
 from __future__ import annotations
@@ -84,19 +84,41 @@ _tuple_new = tuple.__new__
 
 def here() -> Site | None:
     """The innermost frame outside lazytensor and torch: the user's line."""
-    frame = user_frame()
-    if frame is None:
-        return None
-    return _tuple_new(Site, (frame.f_code, frame.f_lasti))  # Site.at(...), faster
+    return at(_getframe(1))
 
 
 def at(frame: FrameType) -> Site | None:
-    """:func:`here`, for a caller that knows ``frame`` is most likely the user's (an operator
-    on a proxy, called from the user's line): one lookup instead of a walk of the stack."""
-    if _INTERNAL.get(frame.f_code.co_filename) is False:
-        return _tuple_new(Site, (frame.f_code, frame.f_lasti))
-    found = _outside(frame)
-    return None if found is None else _tuple_new(Site, (found.f_code, found.f_lasti))
+    """The site of ``frame``, or of the first frame below it outside lazytensor and torch:
+    :func:`here` for a caller that has ``frame`` at hand (an operator on a proxy has the user's
+    line itself, so it is one lookup instead of a walk of the stack).
+
+    A loop records the same few lines again and again, so their sites are kept by offset
+    (:data:`KNOWN`) and made once."""
+    code = frame.f_code
+    inside = _INTERNAL.get(code.co_filename)
+    while inside is not False:  # _outside(frame), inline: a recorded op walks one or two
+        if inside is None:
+            inside = _INTERNAL[code.co_filename] = _is_internal(code.co_filename)
+            continue
+        frame = frame.f_back
+        if frame is None:
+            return None
+        code = frame.f_code
+        inside = _INTERNAL.get(code.co_filename)
+    offset = frame.f_lasti
+    known = KNOWN.get(offset)
+    if known is not None and known[0] is code:
+        return known
+    made = KNOWN[offset] = _tuple_new(Site, (code, offset))  # Site.at(code, offset), faster
+    return made
+
+
+#: Instruction offset -> the site :func:`at` last made for it, in whichever code object: at
+#: most one per offset, so it stays as small as the longest code that recorded. A hit is
+#: ``frame``'s site only if its code is ``frame``'s: ``site[0] is frame.f_code`` (a hot path
+#: may check that itself and call :func:`at` on a miss).
+KNOWN: dict[int, Site] = {}
+_getframe = sys._getframe
 
 
 def user_frame() -> FrameType | None:

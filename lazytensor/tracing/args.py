@@ -15,7 +15,7 @@ import torch
 
 from ..core import tree
 from ..core.errors import TraceError
-from ..core.graph import Ref
+from ..core.graph import ref
 from ..core.site import here
 from ..runtime.evaluate import evaluate
 from .proxy import Proxy
@@ -33,17 +33,25 @@ def to_graph(value: Any, trace: Trace, refs: list[int]) -> Any:
     kind = type(value)
     if kind in _SCALARS:
         return value
-    if kind is tuple:
-        return tuple([to_graph(v, trace, refs) for v in value])
+    if kind is tuple:  # an index such as (slice(None), 0): its scalars need no call
+        return tuple([v if type(v) in _SCALARS else to_graph(v, trace, refs) for v in value])
+    if kind is dict:  # keyword arguments
+        return {k: v if type(v) in _SCALARS else to_graph(v, trace, refs) for k, v in value.items()}
+    if kind is slice and (
+        type(value.start) in _SCALARS
+        and type(value.stop) in _SCALARS
+        and type(value.step) in _SCALARS
+    ):
+        return value  # what rebuilding it would make
     if isinstance(value, Proxy):
         if value._trace is trace:
             refs.append(value._node)
-            return Ref(value._node)
+            return ref(value._node)
         session = trace.session
         if session is not None and session.holds(value):  # an earlier trace's, or session code
-            ref = session.carry(value, trace)
-            refs.append(ref.id)
-            return ref
+            carried = session.carry(value, trace)
+            refs.append(carried.id)
+            return carried
         return to_graph(value._trace.value_of(value), trace, refs)  # another trace's result
     if isinstance(value, _PLAIN):
         return value

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..core import ops
 from ..core.errors import TraceError
 
@@ -78,10 +80,10 @@ class Proxy:
         self._trace.set_attribute(self, name, value)
 
     def __getitem__(self, key: Any) -> Proxy:
-        return self._trace.apply("function", "operator.getitem", (self, key))
+        return self._trace.apply("function", "operator.getitem", (self, key), depth=2)
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._trace.apply("function", "operator.setitem", (self, key, value))
+        self._trace.apply("function", "operator.setitem", (self, key, value), depth=2)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._trace.call_value(self, args, kwargs)
@@ -136,7 +138,7 @@ class Method:
         self.trace, self.proxy, self.name = trace, proxy, name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.trace.apply("method", self.name, (self.proxy, *args), kwargs)
+        return self.trace.apply("method", self.name, (self.proxy, *args), kwargs, depth=2)
 
 
 def _index(value: Any) -> int:
@@ -178,7 +180,7 @@ def _unary(name: str):
     target = ops.DUNDERS[name]
 
     def method(self: Proxy) -> Any:
-        return self._trace.apply("function", target, (self,))
+        return self._trace.apply("function", target, (self,), depth=2)
 
     method.__name__ = name
     return method
@@ -188,10 +190,18 @@ def _inplace(name: str):
     target = ops.INPLACE[name]
 
     def method(self: Proxy, other: Any) -> Any:
-        return self._trace.apply("method", target, (self, other))
+        return self._trace.apply("method", target, (self, other), depth=2)
 
     method.__name__ = name
     return method
+
+
+def _method_attribute(name: str) -> property:
+    def read(self: Proxy) -> Any:
+        return self._trace.attribute(self, name)
+
+    read.__name__ = name
+    return property(read, doc=f"``proxy.{name}``: asks the trace (``Trace.attribute``)")
 
 
 for _name in ops.DUNDERS:
@@ -203,6 +213,11 @@ for _name in ops.REFLECTED:
     setattr(Proxy, _name, _reflected(_name))
 for _name in ops.INPLACE:
     setattr(Proxy, _name, _inplace(_name))
+# The allowed tensor methods (``h.sum``) are found on the class, so they skip __getattr__: Python
+# reaches that only after raising and catching an AttributeError, which costs more than the op.
+for _name in dir(torch.Tensor):
+    if not _name.startswith("_") and ops.is_method(_name) and not hasattr(Proxy, _name):
+        setattr(Proxy, _name, _method_attribute(_name))
 
 _object_new = object.__new__
 _set_trace = Proxy._trace.__set__  # type: ignore[attr-defined]

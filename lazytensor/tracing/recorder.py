@@ -17,6 +17,7 @@ from ..core import ops
 from ..core.site import here
 from .args import has_proxy, to_graph
 from .proxy import Proxy
+from .state import current
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -33,8 +34,8 @@ class Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         trace = self.trace
-        if not self.paused and trace.is_current():  # not an enclosing trace's run
-            if has_proxy(args) or has_proxy(kwargs.values()):
+        if not self.paused and current() is trace:  # not an enclosing trace's run
+            if (args and type(args[0]) is Proxy) or has_proxy(args) or has_proxy(kwargs.values()):
                 return record_torch(trace, func, args, kwargs)
             if ops.factory_name(func) is not None:
                 return record_torch(trace, func, args, kwargs)
@@ -43,17 +44,32 @@ class Recorder(TorchFunctionMode):
 
 def record_torch(trace: Trace, func: Any, args: tuple, kwargs: dict) -> Any:
     """Record a call that reached ``__torch_function__``: as its operator, method or function."""
+    known = _RECORDED_AS.get(func)
+    if known is None:
+        known = _RECORDED_AS[func] = _recorded_as(func)
+    op, target, reflected = known
+    # the user's line: record_torch <- Recorder.__torch_function__ (or apply_torch) <- user
+    return trace.apply(op, target, args[::-1] if reflected else args, kwargs, depth=3)
+
+
+#: Torch callable -> what :func:`record_torch` records it as (worked out once per callable).
+_RECORDED_AS: dict[Any, tuple[str, str, bool]] = {}
+
+
+def _recorded_as(func: Any) -> tuple[str, str, bool]:
+    """``(op, target, reflected)``: ``reflected`` for ``Tensor.__rsub__`` and its kin, whose
+    arguments are recorded in the operator's order. Raises for a function not allowed."""
     name = getattr(func, "__name__", "")
     on_tensor = getattr(torch.Tensor, name, None) is func
     if on_tensor and name in ops.DUNDERS:
-        return trace.apply("function", ops.DUNDERS[name], args, kwargs)
+        return ("function", ops.DUNDERS[name], False)
     if on_tensor and name in ops.REFLECTED:
-        return trace.apply("function", ops.REFLECTED[name], args[::-1], kwargs)
+        return ("function", ops.REFLECTED[name], True)
     if on_tensor and name in ops.INPLACE:
-        return trace.apply("method", ops.INPLACE[name], args, kwargs)
+        return ("method", ops.INPLACE[name], False)
     if on_tensor and ops.is_method(name):
-        return trace.apply("method", name, args, kwargs)
-    return trace.apply("function", ops.function_name(func), args, kwargs)
+        return ("method", name, False)
+    return ("function", ops.function_name(func), False)
 
 
 def record_python(trace: Trace, fn: Any, args: tuple, kwargs: dict) -> Proxy:

@@ -33,7 +33,8 @@ import torch
 from ..backends.base import Backend, Job, JobState, RunRequest
 from ..core import ops, tree
 from ..core.errors import NodeFailure, StrictModeError, TraceError, at_site
-from ..core.graph import Batch, Graph, Node, ref
+from ..core.graph import Batch, Graph, Node, Ref, _object_new, _set_ref_id
+from ..core.site import KNOWN as _KNOWN_SITES
 from ..core.site import Site, user_frame
 from ..core.site import at as _site_at
 from ..core.site import here as _site
@@ -45,7 +46,7 @@ from . import scan as scans
 from . import session as sessions
 from . import stop as stopping
 from .args import computed_inputs, to_graph, to_values
-from .proxy import Method, Proxy
+from .proxy import Method, Proxy, _set_node, _set_trace
 from .publish import publish
 from .recorder import Recorder, record_python, record_torch
 from .shapes import Shapes
@@ -58,13 +59,19 @@ _META_ATTRIBUTES = frozenset(("shape", "dtype", "device", "ndim", "is_cuda", "la
 _META_METHODS = frozenset(("size", "dim", "numel", "ndimension", "nelement", "element_size",
                            "is_floating_point", "is_contiguous"))  # fmt: skip
 _VALUE_METHODS = frozenset(("item", "tolist", "numpy"))
+#: Names :meth:`Trace.attribute` has answered with a :class:`Method` while recording (allowed
+#: tensor methods none of the names above): it answers them so again at once.
+_PLAIN_METHODS: set[str] = set()
 #: Arguments a graph holds as they are.
 _PLAIN_ARGS = frozenset((int, float, bool, str, type(None)))
-#: ``(op, target)`` pairs already checked against the allow-list (the check raises otherwise).
-_ALLOWED: set[tuple[str, str]] = set()
+#: Op -> the targets already checked against the allow-list (the check raises otherwise).
+_ALLOWED: dict[str, set[str]] = {}
 #: The functions Python's operators on a proxy mean (all allow-listed: ``tests/test_proxy.py``).
 _ALLOWED_OPERATORS = frozenset((*ops.DUNDERS.values(), *ops.REFLECTED.values()))
 _getframe = sys._getframe
+_RECORDING = State.RECORDING  # a global: cheaper to read than the enum's attribute
+# The hot paths (Trace.apply, Trace.operator) write ref() and Proxy.of() out inline, with the
+# graph's _object_new and _set_ref_id and the proxy's _set_trace and _set_node.
 
 
 def _check_op(op: str, target: str) -> None:
@@ -72,7 +79,7 @@ def _check_op(op: str, target: str) -> None:
         ops.resolve_function(target)
     elif op == "method":
         ops.check_method(target)
-    _ALLOWED.add((op, target))
+    _ALLOWED.setdefault(op, set()).add(target)
 
 
 class Trace:
@@ -318,14 +325,20 @@ class Trace:
             return session.recording()
         return None
 
-    def apply(self, op: str, target: str, args: tuple, kwargs: dict | None = None) -> Any:
+    def apply(
+        self, op: str, target: str, args: tuple, kwargs: dict | None = None, depth: int = 1
+    ) -> Any:
         """Record ``op`` (or, after the block, compute it on the real values).
 
         The path every recorded op takes, so it is kept short: the op is checked against the
-        allow-list once per name, and plain arguments are converted inline."""
-        if self.state is not State.RECORDING:
+        allow-list once per name, and plain arguments are converted inline. ``depth``: how
+        many frames up the user's line most likely is, for a caller that knows every frame
+        below it is lazytensor's own (a proxy's method passes 2); the site is then one lookup
+        instead of a walk of the stack, which still follows when that frame is not the user's.
+        """
+        if self.state is not _RECORDING:
             return self._apply_outside(op, target, args, kwargs)
-        if (op, target) not in _ALLOWED:
+        if target not in _ALLOWED.get(op, ()):
             _check_op(op, target)
         if kwargs and kwargs.get("out") is not None:
             raise TraceError(
@@ -337,49 +350,72 @@ class Trace:
         for arg in args:
             kind = type(arg)
             if kind is Proxy and arg._trace is self:
-                refs.append(arg._node)
-                graph_args.append(ref(arg._node))
-            elif kind in _PLAIN_ARGS:
-                graph_args.append(arg)
-            else:
-                graph_args.append(to_graph(arg, self, refs))
+                i = arg._node
+                refs.append(i)
+                arg = _object_new(Ref)  # ref(i)
+                _set_ref_id(arg, i)
+            elif kind not in _PLAIN_ARGS:
+                arg = to_graph(arg, self, refs)
+            graph_args.append(arg)
         graph_kwargs = to_graph(kwargs, self, refs) if kwargs else {}
-        node = self.graph.add(op, target, tuple(graph_args), graph_kwargs, site=_site())
+        try:
+            frame = _getframe(depth)
+        except ValueError:  # fewer frames than depth: called from the top of the stack
+            frame = _getframe(1)
+        site = _KNOWN_SITES.get(frame.f_lasti)
+        if site is None or site[0] is not frame.f_code:  # see site.KNOWN
+            site = _site_at(frame)
+        node = self.graph.add(op, target, tuple(graph_args), graph_kwargs, site=site)
         # the reads were collected while converting: no second walk
         node._deps = (refs[0],) if len(refs) == 1 else tuple(sorted(set(refs)))
-        return Proxy.of(self, node.id)
+        made = _object_new(Proxy)  # Proxy.of(self, node.id), inline as in operator
+        _set_trace(made, self)
+        _set_node(made, node.id)
+        return made
 
     def operator(self, target: str, a: Any, b: Any) -> Any:
         """Record ``target(a, b)``, a Python operator on a proxy (``h * 2.0``, ``1 - h``).
 
         What :meth:`apply` does, on the path that research loops take thousands of times: two
         arguments, each a proxy of this trace or a plain scalar, no keywords, and the user's
-        line two frames up. Anything else takes :meth:`apply`."""
-        kind_a, kind_b = type(a), type(b)
-        if kind_a is Proxy and a._trace is self:
-            x = ref(a._node)
-        elif kind_a in _PLAIN_ARGS:
-            x = None
+        line two frames up. Anything else takes :meth:`apply`. Every call here costs, so
+        ``ref()``, ``Proxy.of()`` and the lookup of a known site are written out inline."""
+        if self.state is not _RECORDING or target not in _ALLOWED_OPERATORS:
+            return self.apply("function", target, (a, b), depth=3)
+        if type(a) is Proxy and a._trace is self:
+            x = a._node
+            first = _object_new(Ref)
+            _set_ref_id(first, x)
+        elif type(a) in _PLAIN_ARGS:
+            x, first = None, a
         else:
-            return self.apply("function", target, (a, b))
-        if kind_b is Proxy and b._trace is self:
-            y = ref(b._node)
-        elif kind_b in _PLAIN_ARGS:
-            y = None
+            return self.apply("function", target, (a, b), depth=3)
+        if type(b) is Proxy and b._trace is self:
+            y = b._node
+            if y == x:  # h + h
+                second = first
+            else:
+                second = _object_new(Ref)
+                _set_ref_id(second, y)
+        elif type(b) in _PLAIN_ARGS:
+            y, second = None, b
         else:
-            return self.apply("function", target, (a, b))
-        if self.state is not State.RECORDING or target not in _ALLOWED_OPERATORS:
-            return self.apply("function", target, (a, b))
+            return self.apply("function", target, (a, b), depth=3)
         if x is None:
-            deps = () if y is None else (y.id,)
-        elif y is None or x.id == y.id:
-            deps = (x.id,)
+            deps = () if y is None else (y,)
+        elif y is None or x == y:
+            deps = (x,)
         else:
-            deps = (x.id, y.id) if x.id < y.id else (y.id, x.id)
-        args = (a if x is None else x, b if y is None else y)
-        shape = (None if x is None else x.id, None if y is None else y.id)
-        i = self.graph.add_call(target, args, deps, shape, _site_at(_getframe(2)))
-        return Proxy.of(self, i)
+            deps = (x, y) if x < y else (y, x)
+        frame = _getframe(2)
+        site = _KNOWN_SITES.get(frame.f_lasti)
+        if site is None or site[0] is not frame.f_code:  # see site.KNOWN
+            site = _site_at(frame)
+        i = self.graph.add_call(target, (first, second), deps, (x, y), site)
+        made = _object_new(Proxy)
+        _set_trace(made, self)
+        _set_node(made, i)
+        return made
 
     def _apply_outside(self, op: str, target: str, args: tuple, kwargs: dict | None) -> Any:
         """``apply`` once the block has ended: in an open session, record where the session
@@ -418,6 +454,10 @@ class Trace:
 
     # -- policy: attributes, materialization, shapes ------------------------------------------
     def attribute(self, proxy: Proxy, name: str) -> Any:
+        if name in _PLAIN_METHODS and self.state is _RECORDING:  # h.sum: the common case
+            method = _object_new(Method)  # Method(self, proxy, name), without __init__
+            method.trace, method.proxy, method.name = self, proxy, name
+            return method
         routed = self._routed()
         if routed is not None and name not in _META_ATTRIBUTES and name not in _META_METHODS:
             return routed.attribute(proxy, name)
@@ -432,8 +472,9 @@ class Trace:
         if name in _VALUE_METHODS:
             return lambda *a, **k: self.materialize(proxy, lambda v: getattr(v, name)(*a, **k))
         if ops.is_method(name):
+            _PLAIN_METHODS.add(name)  # recording, and none of the names above
             return Method(self, proxy, name)
-        return self.apply("getattr", ops.check_attribute(name), (proxy,))
+        return self.apply("getattr", ops.check_attribute(name), (proxy,), depth=3)
 
     def set_attribute(self, proxy: Proxy, name: str, value: Any) -> None:
         if name == "grad" and (self.state is State.RECORDING or self._routed() is not None):
