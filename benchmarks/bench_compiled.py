@@ -1,4 +1,4 @@
-"""Compiled replay: neuron forcing at batch 1, eager against ``compile=``, in one process.
+"""Compiled replay: neuron forcing at batch 1, and generation, eager against ``compile=``.
 
 The same experiment as ``bench_trace.py``'s (c), timed four ways, interleaved round by round
 (:func:`common.measure`) on the same model object and inputs:
@@ -9,6 +9,11 @@ The same experiment as ``bench_trace.py``'s (c), timed four ways, interleaved ro
 * ``compiled trace``: the same trace with ``compile=<backend>`` (``inductor`` by default): the
   model and the interventions as one ``torch.compile``'d function; the first run of the
   structure records its schedule and the compile happens in the warm-up rounds.
+
+And the same generation as ``bench_trace.py``'s (8 new tokens, an MLP's output halved at
+every step), timed the same four ways: ``generate`` (plain), ``hooks generate`` (a hand-written
+hook), ``eager generate`` (the lazytensor trace) and ``compiled generate`` (``compile=``: one
+compiled function per kind of step, a static KV cache; see ``docs/architecture.md``).
 
 Each compiled result is checked against the eager trace's (``assert_close``). The target of
 the speed issue is for a GPU (batch-1 neuron forcing on a 1B-class Llama in bf16 at ≥ 4× the
@@ -24,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import common
 import torch
-from common import FORCING
+from common import FORCING, GENERATE, STEER_LAYER
 
 import lazytensor as lt
 
@@ -43,6 +50,94 @@ def forcing(lm: lt.LanguageModel, lay: common.Layout, rows: list, compile: Any) 
             x[:, -1, ids] = 5.0
         out = lm.output.logits.save()
     return out
+
+
+def generate(lm: lt.LanguageModel, lay: common.Layout, rows: list, compile: Any) -> Any:
+    with lm.generate(rows, compile=compile, **GENERATE) as tracer:
+        with tracer.all():
+            lm.get(f"{lay.layer(STEER_LAYER)}.{lay.mlp}").output[:] *= 0.5
+        tokens = tracer.result.save()
+    return tokens
+
+
+def compile_seconds(run: Callable[[], Any]) -> float:
+    """Run twice: the first run records the schedule, the second compiles."""
+    start = time.perf_counter()
+    run()
+    run()
+    return time.perf_counter() - start
+
+
+def table(samples: dict, base: str, title: str, markdown: bool) -> float:
+    """Print the cases' medians against ``base`` and the hooks (the second case); return the
+    last case's speed over the hooks."""
+    names = list(samples)
+    hooks, first = common.median_ms(samples[names[1]]), common.median_ms(samples[base])
+    cells = []
+    for name, runs in samples.items():
+        ms = common.median_ms(runs)
+        cells.append([name, f"{ms:.3f}", f"{ms / first:.2f}", f"{hooks / ms:.2f}"])
+    header = ["case", "median ms", f"× {base}", "speed × hooks"]
+    common.print_table(title, header, cells, markdown)
+    return hooks / common.median_ms(samples[names[-1]])
+
+
+@dataclass
+class Bench:
+    """What both tables time on: the model, its inputs, the options."""
+
+    label: str
+    args: argparse.Namespace
+    model: torch.nn.Module
+    lm: lt.LanguageModel
+    lay: common.Layout
+    rows: list
+    x: dict
+    sync: Callable[[], None]
+    clock: Callable[[], int]
+
+    def forcing(self) -> dict[str, list[int]]:
+        lm, lay, rows, x, backend = self.lm, self.lay, self.rows, self.x, self.args.backend
+        model = self.model
+        compile_s = compile_seconds(lambda: forcing(lm, lay, rows, backend))
+        cases = {
+            "forward": lambda: common.plain_forward(model, x),
+            "hooks": lambda: common.hooks_neuron_forcing(model, lay, x),
+            "eager trace": lambda: forcing(lm, lay, rows, False),
+            "compiled trace": lambda: forcing(lm, lay, rows, backend),
+        }
+        repeats = self.args.repeats
+        samples, first = common.measure(cases, repeats, 3, self.sync, self.clock)
+        torch.testing.assert_close(first["compiled trace"], first["eager trace"])
+        torch.testing.assert_close(first["hooks"].logits, first["eager trace"], rtol=0, atol=0)
+        title = f"{self.label}, {repeats} rounds, backend {backend}, compile {compile_s:.1f} s"
+        speed = table(samples, "forward", title, self.args.markdown)
+        verdict = "met" if speed >= 4 else "missed"
+        where = "GPU target" if self.args.device.startswith("cuda") else "GPU target, on a CPU"
+        print(f"compiled trace at {speed:.2f}× the speed of eager hooks ({where} ≥ 4×): {verdict}")
+        return samples
+
+    def generation(self, pad: int) -> dict[str, list[int]]:
+        lm, lay, rows, x, backend = self.lm, self.lay, self.rows, self.x, self.args.backend
+        model = self.model
+        compile_s = compile_seconds(lambda: generate(lm, lay, rows, backend))
+        cases = {
+            "generate": lambda: common.plain_generate(model, x, pad),
+            "hooks generate": lambda: common.hooks_generate(model, lay, x, pad),
+            "eager generate": lambda: generate(lm, lay, rows, False),
+            "compiled generate": lambda: generate(lm, lay, rows, backend),
+        }
+        rounds = max(3, self.args.repeats // 5)  # a generation is several forwards
+        samples, first = common.measure(cases, rounds, 2, self.sync, self.clock)
+        torch.testing.assert_close(first["compiled generate"], first["eager generate"])
+        torch.testing.assert_close(first["hooks generate"], first["eager generate"])
+        title = (
+            f"{self.label}, {GENERATE['max_new_tokens']} new tokens, MLP halved at every step, "
+            f"{rounds} rounds, backend {backend}, compile {compile_s:.1f} s"
+        )
+        speed = table(samples, "generate", title, self.args.markdown)
+        print(f"compiled generate at {speed:.2f}× the speed of eager hooks")
+        return samples
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,34 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     lay = common.LAYOUTS[shape.arch]
     rows = common.token_rows(shape, seed=1)
     x = common.model_inputs(rows, args.device)
-    start = time.perf_counter()
-    forcing(lm, lay, rows, args.backend)  # records the schedule
-    forcing(lm, lay, rows, args.backend)  # compiles
-    compile_s = time.perf_counter() - start
-    cases = {
-        "forward": lambda: common.plain_forward(model, x),
-        "hooks": lambda: common.hooks_neuron_forcing(model, lay, x),
-        "eager trace": lambda: forcing(lm, lay, rows, False),
-        "compiled trace": lambda: forcing(lm, lay, rows, args.backend),
-    }
-    repeats = args.repeats or 50
     sync, clock = common.synchronizer(args.device), common.CLOCKS[args.clock]
-    samples, first = common.measure(cases, repeats, 3, sync, clock)
-    torch.testing.assert_close(first["compiled trace"], first["eager trace"])
-    torch.testing.assert_close(first["hooks"].logits, first["eager trace"], rtol=0, atol=0)
-    hooks = common.median_ms(samples["hooks"])
-    forward = common.median_ms(samples["forward"])
-    cells = []
-    for name, runs in samples.items():
-        ms = common.median_ms(runs)
-        cells.append([name, f"{ms:.3f}", f"{ms / forward:.2f}", f"{hooks / ms:.2f}"])
-    header = ["case", "median ms", "× forward", "speed × hooks"]
-    title = f"{shape.label}, {repeats} rounds, backend {args.backend}, compile {compile_s:.1f} s"
-    common.print_table(title, header, cells, args.markdown)
-    speed = hooks / common.median_ms(samples["compiled trace"])
-    verdict = "met" if speed >= 4 else "missed"
-    where = "GPU target" if args.device.startswith("cuda") else "GPU target, on a CPU"
-    print(f"compiled trace at {speed:.2f}× the speed of eager hooks ({where} ≥ 4×): {verdict}")
+    args.repeats = args.repeats or 50
+    bench = Bench(shape.label, args, model, lm, lay, rows, x, sync, clock)
+    samples = {**bench.forcing(), **bench.generation(tokenizer.pad_token_id)}
     if args.json:
         common.write_json(args.json, {"machine": info, "args": vars(args), "samples_ns": samples})
 

@@ -1,6 +1,6 @@
-"""Compiled replay (``trace(..., compile=...)``): equal to the eager replay, reused across
-constant values, recompiled for a new structure, eager (with a logged reason) when it cannot
-compile.
+"""Compiled replay (``trace(..., compile=...)``, ``generate(..., compile=...)``): equal to the
+eager replay, reused across constant values, recompiled for a new structure, eager (with a
+logged reason) when it cannot compile.
 
 The compile backend here is a counting one that runs the graph dynamo captured as it is, so the
 tests see every compilation and stay fast; ``benchmarks/bench_compiled.py`` times inductor.
@@ -86,10 +86,6 @@ def test_what_cannot_compile_runs_eagerly_and_says_why(llama, caplog) -> None:
     backend = Counting()
     caplog.set_level(logging.INFO, logger="lazytensor")
     for _ in range(2):
-        with llama.generate(PROMPT, max_new_tokens=2, do_sample=False, compile=backend):
-            llama.model.layers[0].output[:] *= 0.5
-    assert "generation runs eagerly" in caplog.text
-    for _ in range(2):
         with llama.trace(PROMPT, compile=backend):
             h = lt.apply(lambda t: t * 2, llama.model.layers[0].output).save()
     with llama.trace(PROMPT):
@@ -141,3 +137,155 @@ def test_no_text_of_a_graph_becomes_code(tmp_path) -> None:
     code(state, torch.ones(2))
     torch.testing.assert_close(state.values[1], torch.ones(2))
     assert not marker.exists()
+
+
+# -- generation ----------------------------------------------------------------------------------
+GENERATE = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+LAYERS = {"llama": "model.layers", "gpt2": "transformer.h"}
+
+
+def steering(lm, arch: str, vector: torch.Tensor, compile, layer: int = 2) -> list:
+    """Halve an MLP and steer at every step; values of the prompt step and of every step."""
+    layers = lm.get(LAYERS[arch])
+    with lm.generate(**GENERATE, compile=compile) as tracer:
+        with tracer.invoke(PROMPT):
+            start = layers[0].output[:, -1].save()  # the prompt step's, read at every step
+            with tracer.all():
+                layers[1].mlp.output[:] *= 0.5
+                layers[layer].output[:, -1] += vector
+                layers[layer].output[:, -1] += start
+        with tracer.invoke("The capital of France is"):
+            for _ in tracer.iter[1]:  # one step of one invoke
+                layers[0].output[:] *= 2
+        with tracer.invoke():
+            logits = lm.lm_head.output.save()  # the prompt step's
+            steps, streamed = [], []
+            with tracer.all():
+                steps.append(lm.lm_head.output[:, -1].save())  # one value per step
+                streamed.append(lm.generator.streamer.output.save())
+            each = [lm.lm_head.output[:, 0].save() for _ in tracer.iter[0:4]]  # a node per step
+            tokens = tracer.result.save()
+    return [tokens, logits, start, *steps, *streamed, *each]
+
+
+def test_compiled_generation_equals_eager_and_is_reused_across_constants(lm, arch) -> None:
+    backend = Counting()
+    for value in (0.5, -1.0, 2.0):
+        vector = torch.full((lm.config.hidden_size,), value)
+        want = steering(lm, arch, vector, False)
+        got = steering(lm, arch, vector, backend)
+        assert len(got) == len(want) == 3 + 3 * GENERATE["max_new_tokens"]
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # the tokens
+        for g, w in zip(got[1:], want[1:], strict=True):
+            torch.testing.assert_close(g, w)
+    # compiled on the second run, once per kind of step: the prompt, step 1, steps 2 and 3
+    assert backend.graphs == 3
+    module = lm._module
+    assert "forward" not in vars(module)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+
+
+def halving(lm, layer: int, compile, tokens: int = 4) -> list:
+    """Halve one MLP's output at every step; the tokens, and one value per step."""
+    options = {**GENERATE, "max_new_tokens": tokens, "min_new_tokens": tokens}
+    with lm.generate(PROMPT, **options, compile=compile) as tracer:
+        steps = []
+        with tracer.all():
+            lm.model.layers[layer].mlp.output[:] *= 0.5
+            steps.append(lm.model.layers[3].output[:, -1].save())
+        tokens = tracer.result.save()
+    return [tokens, *steps]
+
+
+def test_a_new_generation_structure_compiles_again(llama) -> None:
+    backend = Counting()
+    want = {layer: halving(llama, layer, False, tokens=1) for layer in (1, 2)}
+    for layer in (1, 1, 2, 2):
+        for g, w in zip(halving(llama, layer, backend, tokens=1), want[layer], strict=True):
+            torch.testing.assert_close(g, w)
+    assert backend.graphs == 2  # two programs of one kind of step (one token: the prompt's)
+
+
+def test_compiled_generation_with_aot_eager(llama) -> None:
+    want = halving(llama, 2, False)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        for g, w in zip(halving(llama, 2, "aot_eager"), want, strict=True):
+            torch.testing.assert_close(g, w)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 2
+
+
+def test_steps_of_one_kind_share_a_compilation_with_their_own_nodes_and_constants(llama) -> None:
+    """``for step in tracer.iter[0:4]``: a node (and a vector) per step, one compiled decoding
+    step for them all."""
+    backend = Counting()
+
+    def run(vectors: list, compile) -> list:
+        with llama.generate(PROMPT, **GENERATE, compile=compile) as tracer:
+            logits = [None] * 4
+            for step in tracer.iter[0:4]:
+                llama.model.layers[2].output[:, -1] += vectors[step]
+                logits[step] = llama.lm_head.output[:, -1].save()
+        return logits
+
+    for scale in (1.0, 2.0, 3.0):
+        vectors = [torch.full((llama.config.hidden_size,), scale * s) for s in range(4)]
+        for g, w in zip(run(vectors, backend), run(vectors, False), strict=True):
+            torch.testing.assert_close(g, w)
+    assert backend.graphs == 2  # the prompt step, and every decoding step
+
+
+def test_generation_that_cannot_compile_runs_eagerly_and_says_why(llama, caplog) -> None:
+    backend = Counting()
+    caplog.set_level(logging.INFO, logger="lazytensor")
+    for compile in (backend, backend, False):
+        with llama.generate(PROMPT, **GENERATE, compile=compile) as tracer:
+            with tracer.all():
+                doubled = lt.apply(lambda t: t * 2, llama.model.layers[0].output[:, -1]).save()
+        if compile is backend:
+            got = doubled
+    torch.testing.assert_close(got, doubled, rtol=0, atol=0)
+    assert "(python" in caplog.text and "cannot be compiled" in caplog.text
+    assert backend.graphs == 0
+
+
+def test_compiled_generation_stopped_early_gives_what_eager_gives(llama) -> None:
+    """A generation shorter than its first run: shorter lists, and steps that never ran."""
+    backend = Counting()
+
+    def run(prompt: str, compile) -> tuple:
+        options = {"max_new_tokens": 4, "do_sample": False, "eos_token_id": 315}
+        with llama.generate(prompt, **options, compile=compile) as tracer:
+            steps = []
+            with tracer.all():
+                llama.model.layers[1].mlp.output[:] *= 0.5
+                steps.append(llama.lm_head.output[:, -1].save())
+            for _ in tracer.iter[3]:
+                late = llama.model.layers[2].output[:, -1].save()
+        return steps, late
+
+    run("The capital of Italy is Rome and the", backend)  # 4 steps: records the schedule
+    got = run("The Colosseum is in Rome. The capital", backend)  # 8 tokens too; stops at 2
+    want = run("The Colosseum is in Rome. The capital", False)
+    assert len(got[0]) == len(want[0]) == 2
+    assert backend.graphs == 2  # the kinds of the steps that ran: the prompt's, step 1's
+    torch.testing.assert_close(got[0], want[0])
+    with pytest.raises(lt.TraceError, match="at step 3 never ran: generation stopped after 2"):
+        _ = got[1].shape
+
+
+def test_a_backend_that_fails_leaves_the_generation_eager(llama, caplog) -> None:
+    calls = []
+
+    def failing(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        calls.append(gm)
+        raise RuntimeError("this backend cannot compile")
+
+    caplog.set_level(logging.INFO, logger="lazytensor")
+    want = halving(llama, 1, False)
+    for _ in range(3):
+        for g, w in zip(halving(llama, 1, failing), want, strict=True):
+            torch.testing.assert_close(g, w)
+    assert "torch.compile failed (BackendCompilerFailed)" in caplog.text
+    assert len(calls) == 1  # tried once, on the second run; eager from then on
+    assert "forward" not in vars(llama._module)
