@@ -162,3 +162,33 @@ def test_iteration_past_max_new_tokens_names_the_line_when_read(lm):
     assert "test_generate.py:" in message and '"logits = [lm.lm_head.output.save()' in message
     assert f"step {STEPS} never ran" in message and f"stopped after {STEPS} steps" in message
     assert sum(len(m._forward_hooks) for m in lm._module.modules()) == before
+
+
+def test_a_value_of_the_prompt_step_is_read_at_every_step(lm, arch):
+    """A vector read once, at the prompt, and added at every step stays for every step."""
+    with lm.generate(PROMPTS, **OPTIONS) as tracer:
+        vec = lm.get(MLP[arch]).output[:, -1] * 0.01  # the prompt step's
+        with tracer.all():
+            lm.get(MLP[arch]).output[:, -1] += vec
+        logits = [lm.lm_head.output[:, -1].save() for _ in tracer.iter[0:STEPS]]
+    tokenizer, hf = lm.tokenizer, lm._module
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    kept, seen = [], []
+
+    def steer(module, args, output):
+        if not kept:
+            kept.append(output[:, -1] * 0.01)
+        output[:, -1] += kept[0]
+
+    handles = [
+        hf.get_submodule(MLP[arch]).register_forward_hook(steer),
+        hf.lm_head.register_forward_hook(lambda m, a, out: seen.append(out[:, -1].clone())),
+    ]
+    try:
+        with torch.no_grad():
+            hf.generate(**encoded, pad_token_id=tokenizer.pad_token_id, **OPTIONS)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for got, want in zip(logits, seen, strict=True):
+        exact(got, want)

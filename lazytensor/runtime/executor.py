@@ -111,7 +111,7 @@ class Executor:
         self.key_of, self.home = plan.key_of, plan.home
         self.repeating, self.mutating = plan.repeating, plan.mutating
         self.keep = set(graph.saved) | ({stop_at} if stop_at is not None else set())
-        self.kept = self.keep | self.repeating  # values never freed while the run lasts
+        self.kept = self.keep | self.repeating | plan.held  # never freed while the run lasts
         self.values: list[Any] = [None] * n
         self.done = [False] * n
         self.waiting = list(plan.counts[0])  # per node, its inputs not computed yet

@@ -44,6 +44,8 @@ class Plan:
         home: per node, the point read whose memory it aliases (``None``: its own memory), for
             the check that an in-place write happens while its module still runs.
         repeating: nodes that run again at each of several calls (``tracer.all()``, a range).
+        held: nodes that run once and are read by repeating ones (a vector read at the
+            prompt, added at every generation step): their values stay for the whole run.
         mutating: nodes that write into their first argument.
         modules: module paths called by ``module`` nodes.
         backwards: per ``backward`` node, the nodes whose gradients it reads or replaces.
@@ -62,6 +64,7 @@ class Plan:
     key_of: dict[int, Key]
     home: tuple[int | None, ...]
     repeating: frozenset[int]
+    held: frozenset[int]
     mutating: frozenset[int]
     modules: frozenset[str]
     backwards: dict[int, tuple[int, ...]]
@@ -150,6 +153,7 @@ class Plan:
             key_of,
             tuple(home),
             frozenset(repeating),
+            frozenset(d for r in repeating for d in deps[r] if d not in repeating),
             frozenset(mutating),
             frozenset(modules),
             {b: tuple(dict.fromkeys(t)) for b, t in backwards.items()},
