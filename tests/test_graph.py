@@ -213,3 +213,20 @@ def test_a_hand_built_graph_replays_like_a_hook(tiny_mlp: TinyMLP) -> None:
     exact(values[result.id], expected)
     for sub in tiny_mlp.modules():
         assert not sub._forward_hooks and not sub._forward_pre_hooks
+
+
+def test_shared_refs_are_the_refs_they_name() -> None:
+    """Recording shares one immutable ``Ref`` per id; threads growing the table keep it exact."""
+    import random
+    import threading
+
+    ids = [random.Random(seed).randrange(5000) for seed in range(400)]
+    threads = [
+        threading.Thread(target=lambda part=ids[k::8]: [g.ref(i) for i in part]) for k in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(shared == g.Ref(i) for i, shared in enumerate(g.REFS))
+    assert g.ref(7) is g.ref(7) and g.ref(g.SHARED_REFS + 3) == g.Ref(g.SHARED_REFS + 3)

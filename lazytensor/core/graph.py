@@ -19,6 +19,7 @@ batch ``rows`` (``None`` = the whole batch), ``result`` (the return value of the
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,10 +61,29 @@ class Ref:
 
 
 def ref(node_id: int) -> Ref:
-    """``Ref(node_id)``, made the fast way (the recorder makes one for every proxy argument)."""
+    """``Ref(node_id)``, the recorder's way: for the first :data:`SHARED_REFS` ids, the one
+    shared instance in :data:`REFS` (a ``Ref`` is immutable, and recording makes one for every
+    proxy argument); a hot path may index ``REFS`` itself and call this on an ``IndexError``."""
+    if node_id < len(REFS):
+        return REFS[node_id]
+    if node_id < SHARED_REFS:
+        with _GROWING:  # appends in order only: REFS[i] is Ref(i) for every reader
+            for i in range(len(REFS), node_id + 1):
+                REFS.append(_make_ref(i))
+        return REFS[node_id]
+    return _make_ref(node_id)
+
+
+def _make_ref(node_id: int) -> Ref:
     made = _object_new(Ref)
     _set_ref_id(made, node_id)
     return made
+
+
+#: ``REFS[i]`` is ``Ref(i)``, made on first use, for ids below :data:`SHARED_REFS`.
+REFS: list[Ref] = []
+SHARED_REFS = 1 << 16
+_GROWING = threading.Lock()
 
 
 #: Makes a ``Ref`` or ``Node`` without its ``__init__``: a dataclass's ``__init__`` reached

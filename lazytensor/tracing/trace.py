@@ -33,7 +33,8 @@ import torch
 from ..backends.base import Backend, Job, JobState, RunRequest
 from ..core import ops, tree
 from ..core.errors import NodeFailure, StrictModeError, TraceError, at_site
-from ..core.graph import Batch, Graph, Node, Ref, _object_new, _set_ref_id
+from ..core.graph import REFS as _REFS
+from ..core.graph import Batch, Graph, Node, _object_new, ref
 from ..core.site import KNOWN as _KNOWN_SITES
 from ..core.site import Site, user_frame
 from ..core.site import at as _site_at
@@ -71,7 +72,7 @@ _ALLOWED_OPERATORS = frozenset((*ops.DUNDERS.values(), *ops.REFLECTED.values()))
 _getframe = sys._getframe
 _RECORDING = State.RECORDING  # a global: cheaper to read than the enum's attribute
 # The hot paths (Trace.apply, Trace.operator) write ref() and Proxy.of() out inline, with the
-# graph's _object_new and _set_ref_id and the proxy's _set_trace and _set_node.
+# graph's shared REFS and the proxy's _set_trace and _set_node.
 
 
 def _check_op(op: str, target: str) -> None:
@@ -352,8 +353,10 @@ class Trace:
             if kind is Proxy and arg._trace is self:
                 i = arg._node
                 refs.append(i)
-                arg = _object_new(Ref)  # ref(i)
-                _set_ref_id(arg, i)
+                try:
+                    arg = _REFS[i]
+                except IndexError:
+                    arg = ref(i)
             elif kind not in _PLAIN_ARGS:
                 arg = to_graph(arg, self, refs)
             graph_args.append(arg)
@@ -384,8 +387,10 @@ class Trace:
             return self.apply("function", target, (a, b), depth=3)
         if type(a) is Proxy and a._trace is self:
             x = a._node
-            first = _object_new(Ref)
-            _set_ref_id(first, x)
+            try:
+                first = _REFS[x]
+            except IndexError:
+                first = ref(x)
         elif type(a) in _PLAIN_ARGS:
             x, first = None, a
         else:
@@ -395,8 +400,10 @@ class Trace:
             if y == x:  # h + h
                 second = first
             else:
-                second = _object_new(Ref)
-                _set_ref_id(second, y)
+                try:
+                    second = _REFS[y]
+                except IndexError:
+                    second = ref(y)
         elif type(b) in _PLAIN_ARGS:
             y, second = None, b
         else:
