@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lazytensor as lt
-from lazytensor.runtime import compiled
+from lazytensor.runtime import codegen, compiled
 
 PROMPT = "The Eiffel Tower is in the city of"
 
@@ -126,13 +126,13 @@ def test_no_text_of_a_graph_becomes_code(tmp_path) -> None:
     graph = Graph()
     graph.add("output", "layer")
     graph.add("function", "torch.add", (Ref(0), 1.0), {evil: 1})
-    with pytest.raises(compiled.Unsupported, match="not a name"):
-        compiled._code("moment", [0, 1], graph, Layout(1))
+    with pytest.raises(codegen.Unsupported, match="not a name"):
+        codegen.code("moment", [0, 1], graph, Layout(1))
     graph = Graph()
     graph.add("output", "layer")
     graph.add("function", "operator.getitem", ({evil: Ref(0)}, evil))
-    code = compiled._code("moment", [0, 1], graph, Layout(1))
-    state = compiled._State()
+    code = codegen.code("moment", [0, 1], graph, Layout(1))
+    state = codegen.State()
     state.values, state.consts = {}, []
     code(state, torch.ones(2))
     torch.testing.assert_close(state.values[1], torch.ones(2))
