@@ -289,3 +289,16 @@ def test_a_backend_that_fails_leaves_the_generation_eager(llama, caplog) -> None
     assert "torch.compile failed (BackendCompilerFailed)" in caplog.text
     assert len(calls) == 1  # tried once, on the second run; eager from then on
     assert "forward" not in vars(llama._module)
+
+
+def test_a_program_holds_no_values_between_runs(tiny_mlp) -> None:
+    """A compiled program's shared state is emptied after each run: a server's worker keeps
+    up to 64 programs, and none may keep a job's intermediate values alive."""
+    net = lt.Model(tiny_mlp)
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        with net.trace(x, compile="aot_eager"):
+            doubled = (net.layer2.output * 2.0).save()
+    programs = [p for p in compiled.PROGRAMS.programs.values() if isinstance(p, compiled.Program)]
+    assert programs and all(not p.state.values and not p.state.consts for p in programs)
+    torch.testing.assert_close(doubled, tiny_mlp.layer2(tiny_mlp.act(tiny_mlp.layer1(x))) * 2.0)

@@ -71,9 +71,10 @@ class Schedule(Executor):
 class State:
     """What the compiled function's hooks share during one call."""
 
-    values: dict[int, Any]
-    consts: list[Any] | dict[int, Any]  # a generation step's: by index
-    codes: dict[tuple[str, str], Callable]  # a generation step's: moment -> its code
+    def __init__(self) -> None:
+        self.values: dict[int, Any] = {}
+        self.consts: list[Any] | dict[int, Any] = []  # a generation step's: by index
+        self.codes: dict[tuple[str, str], Callable] = {}  # a generation step's: moment -> code
 
 
 #: Numbers the generated entry functions' file names (each its own code object).

@@ -102,6 +102,7 @@ class Program:
             finally:
                 for handle in handles:
                     handle.remove()
+                self.state.values, self.state.consts = {}, []  # hold nothing between runs
         return dict(zip(self.saved, values, strict=True))
 
 

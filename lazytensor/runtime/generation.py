@@ -203,10 +203,14 @@ class Generation:
         run = _Run(list(graph.constants), {i: [] for i in self.collected})
         streams = TOKENS_KEY in self.plan.points  # as the executor: a stopping criterion
         with self.LOCK, torch.no_grad():
-            self._eager(run, self.prologue, [], None)
-            out = self._generate(batch, self._step(run), self._on_step(run) if streams else None)
-            if self.result is not None:
-                self._eager(run, *self.result, out)
+            try:
+                self._eager(run, self.prologue, [], None)
+                step, on_step = self._step(run), self._on_step(run) if streams else None
+                out = self._generate(batch, step, on_step)
+                if self.result is not None:
+                    self._eager(run, *self.result, out)
+            finally:  # hold nothing between runs
+                self.state.values, self.state.consts, self.state.codes = {}, [], {}
         return self._saved(run)
 
     def _step(self, run: _Run) -> Callable:
