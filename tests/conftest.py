@@ -12,8 +12,18 @@ import pathlib
 import pytest
 
 import lazytensor as lt
+from lazytensor.runtime import bounds
 from lazytensor.tiny import build_tiny_lm
 from models import TinyMLP
+
+
+@pytest.fixture(autouse=True)
+def _no_memory_bound_left_behind():
+    """A server sets ``--max-memory`` as its worker thread's per-op bound; a test that runs a
+    worker's code on its own thread must do it in a copied context, or every later local run
+    of that thread is bounded (and replays without chains)."""
+    yield
+    assert bounds.MAX_BYTES.get() is None, "this test left a server's memory bound set"
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ grouping is tested on :class:`FairQueue` and, end to end, on a service and a ser
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 
@@ -53,7 +54,9 @@ def worker(served_llama):
 
 
 def run(worker: Worker, jobs: list[Job]) -> list[m.Message]:
-    worker.run_batch(jobs)
+    # as on the worker's own thread: admission sets that thread's --max-memory bound, which
+    # must not stay on the test's thread (later local runs would be bounded)
+    contextvars.copy_context().run(worker.run_batch, jobs)
     return [worker.outcomes[job.id] for job in jobs]
 
 

@@ -9,6 +9,7 @@ real server stopping such an op and serving the next user: ``test_attacks.py``.)
 
 from __future__ import annotations
 
+import contextvars
 import signal
 import time
 
@@ -70,8 +71,12 @@ def child(served_llama):
 def test_a_job_in_a_worker_process_equals_the_job_run_here(child, served_llama, local_llama):
     job = job_of(local_llama, patch)
     runner = Runner(served_llama, LIMITS, None)
-    (want,) = outcomes(lambda jobs, done: setattr(runner, "done", done) or runner.run_group(jobs),
-                       [job])  # fmt: skip
+    (want,) = outcomes(  # in a copied context, as on a worker thread (see test_batching.run)
+        lambda jobs, done: (
+            setattr(runner, "done", done) or contextvars.copy_context().run(runner.run_group, jobs)
+        ),
+        [job],
+    )
     (got,) = outcomes(child.run, [job_of(local_llama, patch)])
     assert isinstance(got, m.Result) and isinstance(want, m.Result)
     (value,) = got.values.values()
