@@ -56,7 +56,7 @@ def per_op(lm, model, rows, x, repeats: int, clock: Any = time.perf_counter_ns) 
     so what the forward costs (and where a trace's forward ends) cancels out."""
     cells = []
     for n in COUNTS:
-        rounds = max(3, repeats // max(1, n // 100))
+        rounds = max(15, repeats // max(1, n // 100))  # a long chain needs rounds too: noise
         cases = {
             "trace": lambda n=n: chain(lm, rows, n),
             "trace_0": lambda: chain(lm, rows, 0),
