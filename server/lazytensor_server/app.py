@@ -89,7 +89,12 @@ class App:
         waiting: collections.deque = collections.deque()
         woken = threading.Lock()  # held from one wake-up of the loop until it has run
 
+        on_loop = threading.get_ident()  # this coroutine runs on the loop's thread
+
         def reply(peer: Any, frames: list) -> None:  # from any thread
+            if threading.get_ident() == on_loop and not waiting:
+                _post(socket, peer, frames)  # on the loop, nothing queued before it: now
+                return
             waiting.append((peer, frames))
             if woken.acquire(blocking=False):  # one wake-up carries a whole burst of replies
                 loop.call_soon_threadsafe(move)

@@ -21,6 +21,9 @@ class ServedModel:
     paths: frozenset[str] = field(default_factory=frozenset)
     tree: dict = field(default_factory=dict)
     weights: frozenset[str] = field(default_factory=frozenset)  # parameter and buffer names
+    #: ``(parameter count, dtype, device)``, read once: a ``models`` request answers from it,
+    #: instead of walking every parameter of a large model for each request.
+    summary: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def wrap(
@@ -32,12 +35,19 @@ class ServedModel:
         return cls(name, module.eval(), tokenizer, source, paths, tree, weights=weights)
 
     def info(self, queued: int, served: int) -> dict:
-        param = next(self.module.parameters(), None)
+        if self.summary is None:
+            param = next(self.module.parameters(), None)
+            self.summary = (
+                parameter_count(self.module),
+                str(param.dtype).removeprefix("torch.") if param is not None else None,
+                str(param.device) if param is not None else None,
+            )
+        count, dtype, device = self.summary
         return {
             "name": self.name,
-            "parameters": parameter_count(self.module),
-            "dtype": str(param.dtype).removeprefix("torch.") if param is not None else None,
-            "device": str(param.device) if param is not None else None,
+            "parameters": count,
+            "dtype": dtype,
+            "device": device,
             "queue": queued,
             "served": served,
         }  # never the source: a path on the server's disk is not the clients' business
