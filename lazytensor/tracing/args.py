@@ -15,7 +15,7 @@ import torch
 
 from ..core import tree
 from ..core.errors import TraceError
-from ..core.graph import ref
+from ..core.graph import SCALARS, ref
 from ..core.site import here
 from ..runtime.evaluate import evaluate
 from .proxy import Proxy
@@ -23,7 +23,7 @@ from .proxy import Proxy
 if TYPE_CHECKING:
     from .trace import Trace
 
-_SCALARS = frozenset((int, float, bool, str, type(None)))
+_SCALARS = SCALARS
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), torch.dtype,
           torch.device)  # fmt: skip
 

@@ -34,7 +34,7 @@ from ..backends.base import Backend, Job, JobState, RunRequest
 from ..core import ops, tree
 from ..core.errors import NodeFailure, StrictModeError, TraceError, at_site
 from ..core.graph import REFS as _REFS
-from ..core.graph import Batch, Graph, Node, _object_new, ref
+from ..core.graph import SCALARS, Batch, Graph, Node, _object_new, ref
 from ..core.site import KNOWN as _KNOWN_SITES
 from ..core.site import Site, user_frame
 from ..core.site import at as _site_at
@@ -63,8 +63,8 @@ _VALUE_METHODS = frozenset(("item", "tolist", "numpy"))
 #: Names :meth:`Trace.attribute` has answered with a :class:`Method` while recording (allowed
 #: tensor methods none of the names above): it answers them so again at once.
 _PLAIN_METHODS: set[str] = set()
-#: Arguments a graph holds as they are.
-_PLAIN_ARGS = frozenset((int, float, bool, str, type(None)))
+#: Arguments a graph holds as they are: the scalars of a node's argument pattern (graph.SCALARS).
+_PLAIN_ARGS = SCALARS
 #: Op -> the targets already checked against the allow-list (the check raises otherwise).
 _ALLOWED: dict[str, set[str]] = {}
 #: The functions Python's operators on a proxy mean (all allow-listed: ``tests/test_proxy.py``).
