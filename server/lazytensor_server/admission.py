@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +76,7 @@ class Estimate:
     whole: bool = False  # the pass ran every node: no shape depends on values
 
 
-_cache: OrderedDict[tuple, Estimate] = OrderedDict()
+_cache: OrderedDict[tuple, tuple[weakref.ref, Estimate]] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -239,8 +240,8 @@ def estimate(
 ) -> Estimate:
     """The :class:`Estimate` of running ``graph`` on ``batch``, from the cache if known."""
     key = (id(module), graph.structure_key(), shapes(batch), trusted, limits.max_memory)
-    return _cached(key, lambda: _measure(module, [Segment(graph, batch)], trusted, deadline,
-                                         limits))  # fmt: skip
+    return _cached(key, module, lambda: _measure(module, [Segment(graph, batch)], trusted,
+                                                 deadline, limits))  # fmt: skip
 
 
 def estimate_session(
@@ -256,18 +257,20 @@ def estimate_session(
         (s.graph.structure_key(), None if s.batch is None else shapes(s.batch)) for s in segments
     )
     key = (id(module), "session", structure, trusted, limits.max_memory)
-    return _cached(key, lambda: _measure(module, list(segments), trusted, deadline, limits))
+    return _cached(key, module, lambda: _measure(module, list(segments), trusted, deadline, limits))
 
 
-def _cached(key: tuple, measure: Any) -> Estimate:
+def _cached(key: tuple, module: torch.nn.Module, measure: Any) -> Estimate:
+    """The estimate cached under ``key`` (which holds ``id(module)``) if it was made for this
+    very module: a module that is gone may leave its id to another one (tests load many)."""
     with _lock:  # one worker thread per served model shares the cache
         found = _cache.get(key)
-        if found is not None:
+        if found is not None and found[0]() is module:
             _cache.move_to_end(key)
-            return found
+            return found[1]
     result = measure()
     with _lock:
-        _cache[key] = result
+        _cache[key] = (weakref.ref(module), result)
         if len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     return result
