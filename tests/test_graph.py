@@ -53,9 +53,10 @@ def test_add_call_makes_the_node_add_makes() -> None:
     for graph in (fast, slow):
         graph.add("output", "layer1")
         graph.add("output", "layer2")
-    cases = [((g.Ref(1), g.Ref(0)), (0, 1)), ((2.0, g.Ref(1)), (1,)), ((g.Ref(0), 2), (0,))]
-    for args, deps in cases:
-        i = fast.add_call("operator.mul", args, deps, g.pattern(args), site)
+    for args, back in [((g.Ref(1), g.Ref(0)), (1, 2)), ((2.0, g.Ref(1)), (0, 2)),
+                       ((g.Ref(0), 2), (4, 0)), ((g.Ref(4), g.Ref(4)), (1, 1))]:  # fmt: skip
+        code = g.call_code("operator.mul", *back)
+        i = fast.add_call("operator.mul", args, code, site)
         assert slow.add("function", "operator.mul", args, site=site).id == i
     for got, want in zip(fast.nodes, slow.nodes, strict=True):
         assert got == want and got.deps() == want.deps() and got.shape() == want.shape()
@@ -66,14 +67,15 @@ def test_add_and_add_call_set_every_field_the_constructor_sets() -> None:
     graph = g.Graph()
     made = graph.add("output", "layer1", (g.Ref(0), 2), {"k": 1}, call=(0, None, 1), rows=(0, 3))
     want = g.Node(0, "output", "layer1", (g.Ref(0), 2), {"k": 1}, (0, None, 1), (0, 3))
-    called = graph.nodes[graph.add_call("operator.mul", (g.Ref(0), 2.0), (0,), (0, None), None)]
+    code = g.call_code("operator.mul", 1, 0)
+    called = graph.nodes[graph.add_call("operator.mul", (g.Ref(0), 2.0), code, None)]
     want_called = g.Node(1, "function", "operator.mul", (g.Ref(0), 2.0))
     for field in dataclasses.fields(g.Node):  # a field added to Node must be set by both
         assert getattr(made, field.name) == getattr(want, field.name), field.name
-        if field.name not in ("_deps", "_shape"):  # filled in by add_call
+        if field.name not in ("_deps", "_shape", "_code"):  # worked out from add_call's code
             assert getattr(called, field.name) == getattr(want_called, field.name), field.name
     assert (repr(made), repr(called)) == (repr(want), repr(want_called))
-    assert (called._deps, called._shape) == (want_called.deps(), want_called.shape())
+    assert (called.deps(), called.shape()) == (want_called.deps(), want_called.shape())
 
 
 def test_shapes_tell_apart_what_replays_differently() -> None:

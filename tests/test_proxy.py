@@ -40,8 +40,9 @@ class Log:
         self.calls.append(("torch", func, args, kwargs))
         return "recorded"
 
-    def operator(self, target, a, b):  # Trace.operator: apply's fast path for operators
-        return self.apply("function", target, (a, b))
+    def operator(self, target, node, other, reflected):  # Trace.operator: apply's fast path
+        self.calls.append(("operator", target, node, other, reflected))
+        return "recorded"
 
     def materialize(self, proxy, how):
         self.calls.append(("materialize", proxy._node))
@@ -108,7 +109,7 @@ def p(log: Log) -> Proxy:
 )
 def test_binary_operators_record_their_function(log: Log, p: Proxy, op, target: str) -> None:
     assert op(p, 2) == "recorded"
-    assert log.calls == [("apply", "function", target, (p, 2), {})]
+    assert log.calls == [("operator", target, p._node, 2, False)]
 
 
 @pytest.mark.parametrize(
@@ -128,7 +129,7 @@ def test_binary_operators_record_their_function(log: Log, p: Proxy, op, target: 
 )
 def test_reflected_operators_keep_the_operand_order(log: Log, p: Proxy, op, target) -> None:
     assert op(5, p) == "recorded"
-    assert log.calls == [("apply", "function", target, (5, p), {})]
+    assert log.calls == [("operator", target, p._node, 5, True)]
 
 
 @pytest.mark.parametrize(

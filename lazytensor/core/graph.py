@@ -127,6 +127,8 @@ class Node:
     _deps: tuple[int, ...] | None = field(default=None, init=False, repr=False, compare=False)
     _key: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _shape: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    #: What :meth:`Graph.add_call` knows of the node's shape, in brief (:func:`call_code`).
+    _code: tuple[str, int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def is_point(self) -> bool:
@@ -142,7 +144,10 @@ class Node:
     def deps(self) -> tuple[int, ...]:
         """The distinct ids this node reads, ascending (computed once: args never change)."""
         if self._deps is None:
-            self._deps = tuple(sorted(set(self.refs()))) if self.args or self.kwargs else ()
+            if self._code is not None:
+                self._decode()
+            else:
+                self._deps = tuple(sorted(set(self.refs()))) if self.args or self.kwargs else ()
         return self._deps
 
     def shape(self) -> tuple:
@@ -151,6 +156,9 @@ class Node:
         and its keyword names with an ``inplace=True`` flag. Equal shapes plan alike, and
         replay alike (:mod:`lazytensor.runtime.chains` generates code per shape)."""
         if self._shape is None:
+            if self._code is not None:
+                self._decode()
+                return self._shape  # type: ignore[return-value]
             kwargs = self.kwargs
             self._shape = (
                 self.op,
@@ -161,6 +169,15 @@ class Node:
                 (tuple(kwargs), kwargs.get("inplace") is True) if kwargs else (),
             )
         return self._shape
+
+    def _decode(self) -> None:
+        """Fill in ``_deps`` and ``_shape`` of a node made by :meth:`Graph.add_call`."""
+        _, back_a, back_b = self._code  # type: ignore[misc]
+        i = self.id
+        pattern = (i - back_a if back_a else None, i - back_b if back_b else None)
+        reads = {p for p in pattern if p is not None}
+        self._deps = tuple(sorted(reads))
+        self._shape = ("function", self.target, self._deps, 0, pattern, ())
 
     def key(self) -> tuple:
         """This node's part of :meth:`Graph.structure_key` (computed once)."""
@@ -174,6 +191,14 @@ class Node:
                 self.rows,
             )
         return self._key
+
+
+def call_code(target: str, back_a: int, back_b: int) -> tuple[str, int, int]:
+    """A :meth:`Graph.add_call` node's shape in brief: its target, then per argument how many
+    nodes back the node it reads is (0: a scalar). Equal codes mean equal shapes at the same
+    position, so a replay plan is cached on codes where nodes have one: a string and two
+    small ints hash and compare faster than a whole shape."""
+    return (target, back_a, back_b)
 
 
 #: Argument types a node carries as themselves (its value is read from the node at replay).
@@ -250,18 +275,16 @@ class Graph:
         node.kwargs = kwargs or {}
         node.call = call
         node.rows = rows
-        node._deps = node._key = node._shape = None
+        node._deps = node._key = node._shape = node._code = None
         nodes.append(node)
         self.sites.append(site)
         return node
 
-    def add_call(
-        self, target: str, args: tuple, deps: tuple[int, ...], pattern: tuple, site: Site | None
-    ) -> int:
+    def add_call(self, target: str, args: tuple, code: tuple, site: Site | None) -> int:
         """Append ``function`` node ``target(*args)`` and return its id: :meth:`add` for the
-        recorder's operators (``h * 2.0``), whose reads ``deps`` (distinct, ascending) and
-        argument :func:`pattern` it already knows; the node's :meth:`Node.shape` is filled in
-        now, from those."""
+        recorder's operators (``h * 2.0``), two arguments each a :class:`Ref` or a scalar.
+        ``code`` is their :func:`call_code`: the node's reads and :meth:`Node.shape` follow
+        from it when asked."""
         nodes = self.nodes
         i = len(nodes)
         node = _object_new(Node)  # as in add
@@ -272,9 +295,8 @@ class Graph:
         node.kwargs = {}
         node.call = 0
         node.rows = None
-        node._deps = deps
-        node._key = None
-        node._shape = ("function", target, deps, 0, pattern, ())
+        node._deps = node._key = node._shape = None
+        node._code = code
         nodes.append(node)
         self.sites.append(site)
         return i

@@ -83,7 +83,7 @@ class Plan:
         planned = graph.planned
         if planned is not None and planned[0] == len(graph.nodes):
             return planned[1]
-        key = tuple([node._shape or node.shape() for node in graph.nodes])
+        key = tuple([node._code or node._shape or node.shape() for node in graph.nodes])
         digest = hash(key)  # once: the cache is keyed by it, and the key compared on a hit
         cache = cls._cache
         known = cache.get(digest)

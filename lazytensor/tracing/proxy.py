@@ -160,7 +160,7 @@ def _binary(name: str):
     target = ops.DUNDERS[name]
 
     def method(self: Proxy, other: Any) -> Any:
-        return self._trace.operator(target, self, other)
+        return self._trace.operator(target, self._node, other, False)
 
     method.__name__ = name
     return method
@@ -170,7 +170,7 @@ def _reflected(name: str):
     target = ops.REFLECTED[name]
 
     def method(self: Proxy, other: Any) -> Any:
-        return self._trace.operator(target, other, self)
+        return self._trace.operator(target, self._node, other, True)
 
     method.__name__ = name
     return method

@@ -376,53 +376,54 @@ class Trace:
         _set_node(made, node.id)
         return made
 
-    def operator(self, target: str, a: Any, b: Any) -> Any:
-        """Record ``target(a, b)``, a Python operator on a proxy (``h * 2.0``, ``1 - h``).
+    def operator(self, target: str, node: int, other: Any, reflected: bool) -> Any:
+        """Record Python operator ``target`` on proxy ``node`` of this trace and ``other``:
+        ``target(node, other)`` (``h * 2.0``), or ``target(other, node)`` when ``reflected``
+        (``1 - h``).
 
-        What :meth:`apply` does, on the path that research loops take thousands of times: two
-        arguments, each a proxy of this trace or a plain scalar, no keywords, and the user's
-        line two frames up. Anything else takes :meth:`apply`. Every call here costs, so
-        ``ref()``, ``Proxy.of()`` and the lookup of a known site are written out inline."""
+        What :meth:`apply` does, on the path that research loops take thousands of times:
+        ``other`` a proxy of this trace or a plain scalar, no keywords, and the user's line two
+        frames up. Anything else takes :meth:`apply`. Every call here costs, so ``ref()``,
+        ``Proxy.of()`` and the lookup of a known site are written out inline."""
         if self.state is not _RECORDING or target not in _ALLOWED_OPERATORS:
-            return self.apply("function", target, (a, b), depth=3)
-        if type(a) is Proxy and a._trace is self:
-            x = a._node
+            return self._operator_slowly(target, node, other, reflected)
+        nodes = self.graph.nodes
+        i = len(nodes)
+        try:
+            mine = _REFS[node]
+        except IndexError:
+            mine = ref(node)
+        kind = type(other)
+        if kind in _PLAIN_ARGS:
+            theirs, back = other, 0
+        elif kind is Proxy and other._trace is self:
+            y = other._node
             try:
-                first = _REFS[x]
+                theirs = _REFS[y]
             except IndexError:
-                first = ref(x)
-        elif type(a) in _PLAIN_ARGS:
-            x, first = None, a
+                theirs = ref(y)
+            back = i - y
         else:
-            return self.apply("function", target, (a, b), depth=3)
-        if type(b) is Proxy and b._trace is self:
-            y = b._node
-            if y == x:  # h + h
-                second = first
-            else:
-                try:
-                    second = _REFS[y]
-                except IndexError:
-                    second = ref(y)
-        elif type(b) in _PLAIN_ARGS:
-            y, second = None, b
+            return self._operator_slowly(target, node, other, reflected)
+        if reflected:
+            args, code = (theirs, mine), (target, back, i - node)  # graph.call_code, inline
         else:
-            return self.apply("function", target, (a, b), depth=3)
-        if x is None:
-            deps = () if y is None else (y,)
-        elif y is None or x == y:
-            deps = (x,)
-        else:
-            deps = (x, y) if x < y else (y, x)
+            args, code = (mine, theirs), (target, i - node, back)
         frame = _getframe(2)
         site = _KNOWN_SITES.get(frame.f_lasti)
         if site is None or site[0] is not frame.f_code:  # see site.KNOWN
             site = _site_at(frame)
-        i = self.graph.add_call(target, (first, second), deps, (x, y), site)
+        i = self.graph.add_call(target, args, code, site)
         made = _object_new(Proxy)
         _set_trace(made, self)
         _set_node(made, i)
         return made
+
+    def _operator_slowly(self, target: str, node: int, other: Any, reflected: bool) -> Any:
+        """:meth:`operator` for what its fast path does not take, through :meth:`apply`."""
+        mine = Proxy.of(self, node)
+        args = (other, mine) if reflected else (mine, other)
+        return self.apply("function", target, args, depth=4)
 
     def _apply_outside(self, op: str, target: str, args: tuple, kwargs: dict | None) -> Any:
         """``apply`` once the block has ended: in an open session, record where the session
