@@ -12,6 +12,7 @@ import pathlib
 import pytest
 
 import lazytensor as lt
+from lazytensor.core import graph
 from lazytensor.runtime import bounds
 from lazytensor.tiny import build_tiny_lm
 from models import TinyMLP
@@ -24,6 +25,14 @@ def _no_memory_bound_left_behind():
     of that thread is bounded (and replays without chains)."""
     yield
     assert bounds.MAX_BYTES.get() is None, "this test left a server's memory bound set"
+
+
+@pytest.fixture(autouse=True)
+def _shared_empty_kwargs_stay_empty():
+    """Nodes without keyword arguments share one dict (``graph.NO_KWARGS``): nothing may
+    write into a node's keywords in place, or every such node would gain them."""
+    yield
+    assert graph.NO_KWARGS == {}, f"a node's shared empty keywords were changed: {graph.NO_KWARGS}"
 
 
 @pytest.fixture(scope="session")

@@ -86,6 +86,10 @@ SHARED_REFS = 1 << 16
 _GROWING = threading.Lock()
 
 
+#: The keyword arguments of every node :meth:`Graph.add` makes without any: one dict shared by
+#: them all (a node's arguments are never changed in place), not one empty dict per node.
+NO_KWARGS: dict = {}
+
 #: Makes a ``Ref`` or ``Node`` without its ``__init__``: a dataclass's ``__init__`` reached
 #: through ``type.__call__`` costs more than the stores it does. ``Graph.add`` then sets every
 #: field of a node itself (``tests/test_graph.py`` checks each against ``Node(...)``).
@@ -272,7 +276,7 @@ class Graph:
         node.op = op
         node.target = target
         node.args = args
-        node.kwargs = kwargs or {}
+        node.kwargs = kwargs or NO_KWARGS
         node.call = call
         node.rows = rows
         node._deps = node._key = node._shape = node._code = None
@@ -292,7 +296,7 @@ class Graph:
         node.op = "function"
         node.target = target
         node.args = args
-        node.kwargs = {}
+        node.kwargs = NO_KWARGS
         node.call = 0
         node.rows = None
         node._deps = node._key = node._shape = None
