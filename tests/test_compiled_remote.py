@@ -92,6 +92,19 @@ def steering(lm, remote, compile, vector) -> tuple[list, str]:
     return [logits], remote.note() if remote else ""
 
 
+def halving(lm, remote, compile, scale: torch.Tensor) -> tuple[list, str]:
+    """Generate 4 tokens, scaling layer 1's MLP output by ``scale`` (a constant) at every
+    step: the tokens and layer 3's last position at each step, and the server's note."""
+    options = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+    with lm.generate(PROMPT, remote=remote, compile=compile, **options) as tracer:
+        steps = []
+        with tracer.all():
+            lm.model.layers[1].mlp.output[:] *= scale
+            steps.append(lm.model.layers[3].output[:, -1].save())
+        tokens = tracer.result.save()
+    return [tokens, *steps], remote.note() if remote else ""
+
+
 def copying(lm, remote, compile) -> tuple[list, str]:
     """Copy layer 1's output :data:`COPIES` times: cheap to run, slow to compile."""
     with lm.trace(PROMPT, remote=remote, compile=compile):
@@ -128,6 +141,23 @@ def test_a_new_structure_gets_a_new_program(local_llama, compiling_server):
         vector = torch.full((64,), value)
         got, note = steering(local_llama, client, True, vector)  # True: the first, aot_eager
         assert_equal(got, steering(local_llama, False, False, vector)[0])
+        notes.append(note)
+    assert notes == [compiling._FIRST, "", ""]
+    assert server.log().count(COMPILED) == before + 1
+
+
+def test_a_generation_compiles_on_the_server_and_equals_local_eager(local_llama, compiling_server):
+    """An edit at every step: the first run is eager (its schedule), the next ones compiled,
+    with a new constant each time; tokens and every step's value equal a local eager run's."""
+    server, client = compiling_server
+    before = server.log().count(COMPILED)
+    notes = []
+    for scale in map(torch.tensor, (0.5, 0.25, 2.0)):  # new constants, one program
+        got, note = halving(local_llama, client, "aot_eager", scale)
+        want = halving(local_llama, False, False, scale)[0]
+        assert len(got) == len(want) == 1 + 4
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # the tokens
+        assert_equal(got[1:], want[1:])
         notes.append(note)
     assert notes == [compiling._FIRST, "", ""]
     assert server.log().count(COMPILED) == before + 1
@@ -260,7 +290,9 @@ def test_what_runs_eagerly_on_a_server() -> None:
     read = ("output", "model.layers.0", (), {}, 0, None)
     assert compiling.refusal(job(read)) is None
     assert "plain runs" in compiling.refusal(job(read, stop_at=0))
-    assert "generation" in compiling.refusal(job(read, batch=Batch(size=1, generate=True)))
+    every_step = ("output", "model.layers.0", (), {}, -1, None)
+    assert compiling.refusal(job(every_step, batch=Batch(size=1, generate=True))) is None
+    assert "cannot be compiled" in compiling.refusal(job(every_step))  # a forward runs once
     assert "python node" in compiling.refusal(job(read, ("python", "f", (), {}, 0, None)))
     assert "cannot be compiled" in compiling.refusal(job(("output", "model", (), {}, 1, None)))
     keyword = ("function", "torch.add", (), {"ｖ": 1}, 0, None)

@@ -11,15 +11,19 @@ runs compiled only when all of these hold:
 * it runs alone, in a worker process (:attr:`Compiler.killable`): compiling counts against
   ``--max-seconds``, and a compiled function never checks the clock, so only killing the
   process past the deadline stops it;
-* it is a plain run: no ``stop_at``, no shape-only pass, no session, no generation;
-* every node is one a compiled program expresses (:data:`OPS`, each module moment once), with
-  keyword names that are ASCII identifiers (the only text of a graph the generated code
-  spells);
+* it is a plain run or a generation: no ``stop_at``, no shape-only pass, no session;
+* every node is one a compiled program expresses (:data:`OPS`; each module moment once, but
+  in a generation at any steps), with keyword names that are ASCII identifiers (the only text
+  of a graph the generated code spells);
 * admission knew every value's shape from the inputs' shapes (:attr:`.runner.Job.shapes_known`):
   no size and no Python value depends on tensor values. A program is keyed by the graph's
   structure (its constants' shapes included) and the input shapes, so every run of it makes
   tensors of the shapes the first run made, which was an eager run under the per-op bounds
-  (``--max-memory``) that the compiled function skips, and every run passed admission.
+  (``--max-memory``) that the compiled function skips, and every run passed admission. A
+  compiled generation (:mod:`lazytensor.runtime.generation`) runs the model on a static KV
+  cache of the prompt and ``max_new_tokens`` (``--max-new-tokens`` bounds it): the model's own
+  memory, which the eager run's cache reaches at its last step; its interventions see the
+  shapes the eager run's steps made.
 
 Otherwise the job runs eagerly, and one that asked is told why in its result's ``note``; so
 does the first run of each structure (it records the schedule its next runs compile), a graph
@@ -46,8 +50,10 @@ from .limits import Limits
 log = logging.getLogger("lazytensor.server")
 
 #: The ops a compiled program runs (``lazytensor.runtime.compiled``); a graph holding any
-#: other (a module call, a gradient, user code) runs eagerly.
-OPS = frozenset("input inputs output set_input set_output result function method getattr".split())
+#: other (a module call, a gradient, user code) runs eagerly. ``tokens`` is a generation's.
+OPS = frozenset(
+    "input inputs output set_input set_output result tokens function method getattr".split()
+)
 #: Structures whose runs a worker counts (the oldest forgotten first); also the bound kept on
 #: ``compiled.PROGRAMS.runs``, which counts every structure it was ever asked to run.
 REMEMBERED = 256
@@ -131,10 +137,9 @@ def refusal(job: Any) -> str | None:
     """Why ``job`` may not run compiled on a server (``None``: it may)."""
     if job.segments or job.fake or job.stop_at is not None:
         return "only plain runs compile (no materialization, shape pass or session)"
-    if job.batch.generate:
-        return "generation runs eagerly"
+    steps = job.batch.generate  # a generation's nodes may run at any of its steps
     for node in job.graph.nodes:
-        if node.op not in OPS or node.call != 0:
+        if node.op not in OPS or (node.call != 0 and not steps):
             return f"a {node.op} node ({node.target}) cannot be compiled"
         if not all(name.isascii() and name.isidentifier() for name in node.kwargs):
             return "a keyword argument that is not a plain name cannot be compiled"
