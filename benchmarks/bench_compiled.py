@@ -15,6 +15,11 @@ every step), timed the same four ways: ``generate`` (plain), ``hooks generate`` 
 hook), ``eager generate`` (the lazytensor trace) and ``compiled generate`` (``compile=``: one
 compiled function per kind of step, a static KV cache; see ``docs/architecture.md``).
 
+With ``--server``, both experiments also run remote, against ``lazytensor serve --compile
+<backend>`` started in its own process on loopback (worker processes, its defaults): ``remote
+eager`` and ``remote compiled`` (``compile=<backend>``: the server compiles the run, or the
+generation, in its worker process), next to the local hooks.
+
 Each compiled result is checked against the eager trace's (``assert_close``). The target of
 the speed issue is for a GPU (batch-1 neuron forcing on a 1B-class Llama in bf16 at ≥ 4× the
 speed of hand-written eager hooks, with CUDA graphs); on a CPU the table reports the ratio.
@@ -23,13 +28,21 @@ Examples::
 
     python benchmarks/bench_compiled.py --size tiny
     python benchmarks/bench_compiled.py --size tiny --backend aot_eager --markdown
+    python benchmarks/bench_compiled.py --size tiny --server     # also remote, compiled there
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +56,10 @@ LIB = "lazytensor"
 SIZES = {"tiny": common.TINY[0], "small": common.Shape("llama", 12, 256, 4, 1, 16)}
 
 
-def forcing(lm: lt.LanguageModel, lay: common.Layout, rows: list, compile: Any) -> Any:
-    with lm.trace(rows, compile=compile):
+def forcing(
+    lm: lt.LanguageModel, lay: common.Layout, rows: list, compile: Any, remote: Any = False
+) -> Any:
+    with lm.trace(rows, compile=compile, remote=remote):
         for layer, ids in FORCING.items():
             x = lm.get(f"{lay.layers}.{layer}.{lay.down_proj}").input
             x[:, -1, ids] = 5.0
@@ -52,8 +67,10 @@ def forcing(lm: lt.LanguageModel, lay: common.Layout, rows: list, compile: Any) 
     return out
 
 
-def generate(lm: lt.LanguageModel, lay: common.Layout, rows: list, compile: Any) -> Any:
-    with lm.generate(rows, compile=compile, **GENERATE) as tracer:
+def generate(
+    lm: lt.LanguageModel, lay: common.Layout, rows: list, compile: Any, remote: Any = False
+) -> Any:
+    with lm.generate(rows, compile=compile, remote=remote, **GENERATE) as tracer:
         with tracer.all():
             lm.get(f"{lay.layer(STEER_LAYER)}.{lay.mlp}").output[:] *= 0.5
         tokens = tracer.result.save()
@@ -139,11 +156,75 @@ class Bench:
         print(f"compiled generate at {speed:.2f}× the speed of eager hooks")
         return samples
 
+    def remote(self, endpoint: str, name: str, pad: int) -> dict[str, list[int]]:
+        """Both experiments remote, eager and compiled on the server, beside the local hooks."""
+        lay, rows, backend, model, x = self.lay, self.rows, self.args.backend, self.model, self.x
+        client = lt.connect(endpoint, timeout=600.0)
+        served = self.lm  # loaded from the directory the server serves, named by its path
+        if served._name != name:
+            raise RuntimeError(f"the model is named {served._name!r}, the server's {name!r}")
+        try:
+            compile_s = compile_seconds(lambda: forcing(served, lay, rows, backend, client))
+            compile_s += compile_seconds(lambda: generate(served, lay, rows, backend, client))
+            cases = {
+                "hooks": lambda: common.hooks_neuron_forcing(model, lay, x),
+                "remote eager trace": lambda: forcing(served, lay, rows, False, client),
+                "remote compiled trace": lambda: forcing(served, lay, rows, backend, client),
+                "hooks generate": lambda: common.hooks_generate(model, lay, x, pad),
+                "remote eager generate": lambda: generate(served, lay, rows, False, client),
+                "remote compiled generate": lambda: generate(served, lay, rows, backend, client),
+            }
+            rounds = max(3, self.args.repeats // 5)
+            samples, first = common.measure(cases, rounds, 2, self.sync, self.clock)
+        finally:
+            client.close()
+        for kind in ("trace", "generate"):
+            got, want = first[f"remote compiled {kind}"], first[f"remote eager {kind}"]
+            torch.testing.assert_close(got, want)
+        torch.testing.assert_close(first["remote eager generate"], first["hooks generate"])
+        title = (f"{self.label}, remote (lazytensor serve --compile {backend}, its own process), "
+                 f"{rounds} rounds, compile on the server {compile_s:.1f} s")  # fmt: skip
+        for kind, hooks in (("trace", "hooks"), ("generate", "hooks generate")):
+            eager, compiled = f"remote eager {kind}", f"remote compiled {kind}"
+            part = {eager: samples[eager], hooks: samples[hooks], compiled: samples[compiled]}
+            speed = table(part, hooks, f"{title}: {kind}", self.args.markdown)
+            print(f"{compiled} at {speed:.2f}× the speed of local eager hooks")
+        return samples
+
+
+@contextlib.contextmanager
+def serving(path: str, backend: str, threads: int) -> Iterator[str]:
+    """``lazytensor serve PATH --compile BACKEND`` in its own process on a free loopback port,
+    with ``threads`` torch threads; yields its endpoint once it serves."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    command = [sys.executable, "-m", "lazytensor", "serve", path, "--name", path, "--port", "0",
+               "--compile", backend]  # fmt: skip
+    with tempfile.TemporaryFile("w+") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                log.seek(0)
+                bound = re.search(r"serving .* on (tcp://\S+)\n", log.read())
+                if bound is not None:
+                    break
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"the server did not start:\n{log.read()}")
+                time.sleep(0.1)
+            yield bound.group(1)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
+    parser.add_argument(
+        "--server", action="store_true", help="also remote: a `lazytensor serve --compile` process"
+    )
     common.add_arguments(parser, "default: 50")
     args = parser.parse_args(argv)
     common.setup(args)
@@ -159,6 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     args.repeats = args.repeats or 50
     bench = Bench(shape.label, args, model, lm, lay, rows, x, sync, clock)
     samples = {**bench.forcing(), **bench.generation(tokenizer.pad_token_id)}
+    if args.server:
+        path = str(common.model_dir(shape))
+        with serving(path, args.backend, torch.get_num_threads()) as endpoint:
+            samples.update(bench.remote(endpoint, path, tokenizer.pad_token_id))
     if args.json:
         common.write_json(args.json, {"machine": info, "args": vars(args), "samples_ns": samples})
 
