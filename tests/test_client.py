@@ -35,6 +35,7 @@ from lazytensor.core.errors import (
 from lazytensor.core.graph import Batch, Graph, Ref
 from lazytensor.protocol import messages as m
 from lazytensor.runtime import fake
+from lazytensor_server import worker
 from lazytensor_server.auth import Keys
 from lazytensor_server.limits import Limits
 from lazytensor_server.registry import ServedModel
@@ -494,6 +495,40 @@ def test_two_threads_share_one_client(client: Connection, tiny: TinyMLP) -> None
     assert client._mail == {}
 
 
+def told_running(job: Any, within: float = 5.0) -> bool:
+    """Whether ``job`` hears "running" within ``within`` s (a server tells a job so only once
+    it has run a moment: ``child.RUNNING_AFTER``)."""
+    end = time.monotonic() + within
+    while job.status() is not JobState.RUNNING and time.monotonic() < end:
+        time.sleep(0.005)
+    return job.status() is JobState.RUNNING
+
+
+def test_a_job_that_runs_a_while_is_told_so_and_a_quick_one_only_gets_its_result(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(worker, "RUNNING_AFTER", 0.5)  # "quick" with room for a slow machine
+    gate = Gate().eval()
+    service = Service([ServedModel.wrap("gate", gate)])
+    try:
+        client = Connection("inproc", None, transport=InProcessTransport(service), timeout=30.0)
+        started = time.monotonic()
+        slow = client.submit("gate", request(inputs()))
+        assert told_running(slow, within=9.0) and time.monotonic() - started >= 0.5
+        assert gate.entered.wait(10.0) and not gate.opened.is_set()
+        gate.opened.set()
+        assert set(slow.result()) == {0, 4}
+        heard = []
+        take = client.transport.recv
+        client.transport.recv = lambda timeout: heard.append(take(timeout)) or heard[-1]
+        quick = client.submit("gate", request(inputs()))  # the gate is open: at once
+        assert set(quick.result()) == {0, 4}
+        kinds = [m.decode_reply(frames).KIND for frames in heard if frames is not None]
+        assert kinds == ["result"]
+    finally:
+        service.shutdown(grace=5.0)
+
+
 def test_cancel_of_a_job_queued_behind_another() -> None:
     gate = Gate().eval()
     service = Service([ServedModel.wrap("gate", gate)])
@@ -503,7 +538,7 @@ def test_cancel_of_a_job_queued_behind_another() -> None:
         assert gate.entered.wait(10.0)
         queued = client.submit("gate", request(inputs()))
         assert queued.status() is JobState.QUEUED and queued.position == 1
-        assert running.status() is JobState.RUNNING
+        assert told_running(running)
         assert queued.cancel() is True
         assert queued.status() is JobState.CANCELLED
         started = time.monotonic()

@@ -144,6 +144,8 @@ def nodes_where(body: dict, op: str) -> list[list]:
 
 
 def test_a_correct_request_reports_its_progress(make_service, local_llama, expected):
+    """A job still running a moment after it started is told so; one that finishes sooner
+    hears only its result (a status then would slow the forward it reports on)."""
     peer = Peer(make_service())
     body = request(local_llama)
     peer.send(frames_of(body))
@@ -151,7 +153,7 @@ def test_a_correct_request_reports_its_progress(make_service, local_llama, expec
     while messages[-1].kind == "status":
         messages.append(peer.replies.get(timeout=30))
     states = [m.body["state"] for m in messages[:-1]]
-    assert states[-1] == "running" and set(states) <= {"queued", "running"}
+    assert set(states) <= {"queued", "running"} and states[-1:] in ([], ["running"])
     assert all(m.body["id"] == body["id"] for m in messages)
     (saved,) = body["graph"]["saved"]
     assert torch.equal(messages[-1].body["values"][saved], expected)

@@ -21,7 +21,7 @@ from typing import Any
 from lazytensor.protocol import messages as m
 
 from . import batching
-from .child import ChildProcess
+from .child import RUNNING_AFTER, ChildProcess
 from .limits import Limits
 from .registry import ServedModel
 from .runner import Job, Runner, portable
@@ -62,10 +62,17 @@ class Worker(Runner):
                     type(exc).__name__,
                     exc,
                 )
+        #: The group running on this thread and since when (jobs run here, not in a process).
+        self._since: tuple[list[Job], float] | None = None
+        self._stopped = threading.Event()
         self._thread = threading.Thread(
             target=self._loop, name=f"worker-{served.name}", daemon=True
         )
         self._thread.start()
+        if self.child is None:
+            threading.Thread(
+                target=self._announce, name=f"worker-{served.name}-running", daemon=True
+            ).start()
 
     def submit(self, job: Job) -> int:
         """Queue ``job``; how many jobs run before it (0 = it runs next)."""
@@ -82,6 +89,7 @@ class Worker(Runner):
         """Take no more jobs; wait up to ``timeout`` s for the running ones (a worker process
         still running then is killed)."""
         self.queue.close()
+        self._stopped.set()
         self._thread.join(timeout)
         if self.child is not None:
             self.child.close(0.0 if self._thread.is_alive() else 5.0)
@@ -104,6 +112,19 @@ class Worker(Runner):
                 log.exception("worker %s failed a batch", self.served.name)
             finally:
                 self.busy = False
+
+    def _announce(self) -> None:
+        """Tell "running" to the jobs of a group still running :data:`RUNNING_AFTER` s after it
+        started on this thread, as a worker process does: most finish sooner, and a status sent
+        meanwhile would take the GIL from the forward pass (the loop posting it) and wake the
+        client, only to be followed by the result a moment later."""
+        told = None
+        while not self._stopped.wait(RUNNING_AFTER / 2):
+            since = self._since
+            if since is not None and since is not told:
+                if time.monotonic() - since[1] >= RUNNING_AFTER:
+                    told = since
+                    self._running(since[0])
 
     def _tell_positions(self) -> None:
         """Stream queue positions: each of the first POSITIONS waiting jobs whose place moved
@@ -133,8 +154,11 @@ class Worker(Runner):
         for job in jobs:
             job.started = time.monotonic()
         if self.child is None:
-            self._running(jobs)
-            self.run_group(jobs)
+            self._since = (jobs, time.monotonic())
+            try:
+                self.run_group(jobs)
+            finally:
+                self._since = None
             return
         self.served_count += len(jobs)
         answered: set[int] = set()
