@@ -53,10 +53,9 @@ def test_add_call_makes_the_node_add_makes() -> None:
     for graph in (fast, slow):
         graph.add("output", "layer1")
         graph.add("output", "layer2")
-    for args, back in [((g.Ref(1), g.Ref(0)), (1, 2)), ((2.0, g.Ref(1)), (0, 2)),
-                       ((g.Ref(0), 2), (4, 0)), ((g.Ref(4), g.Ref(4)), (1, 1))]:  # fmt: skip
-        code = g.call_code("operator.mul", *back)
-        i = fast.add_call("operator.mul", args, code, site)
+    for args, reads in [((g.Ref(1), g.Ref(0)), (1, 0)), ((2.0, g.Ref(1)), (None, 1)),
+                        ((g.Ref(0), 2), (0, None)), ((g.Ref(4), g.Ref(4)), (4, 4))]:  # fmt: skip
+        i = fast.add_call("operator.mul", args, *reads, site)
         assert slow.add("function", "operator.mul", args, site=site).id == i
     for got, want in zip(fast.nodes, slow.nodes, strict=True):
         assert got == want and got.deps() == want.deps() and got.shape() == want.shape()
@@ -67,8 +66,7 @@ def test_add_and_add_call_set_every_field_the_constructor_sets() -> None:
     graph = g.Graph()
     made = graph.add("output", "layer1", (g.Ref(0), 2), {"k": 1}, call=(0, None, 1), rows=(0, 3))
     want = g.Node(0, "output", "layer1", (g.Ref(0), 2), {"k": 1}, (0, None, 1), (0, 3))
-    code = g.call_code("operator.mul", 1, 0)
-    called = graph.nodes[graph.add_call("operator.mul", (g.Ref(0), 2.0), code, None)]
+    called = graph.nodes[graph.add_call("operator.mul", (g.Ref(0), 2.0), 0, None, None)]
     want_called = g.Node(1, "function", "operator.mul", (g.Ref(0), 2.0))
     for field in dataclasses.fields(g.Node):  # a field added to Node must be set by both
         assert getattr(made, field.name) == getattr(want, field.name), field.name

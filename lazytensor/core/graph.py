@@ -131,7 +131,10 @@ class Node:
     _deps: tuple[int, ...] | None = field(default=None, init=False, repr=False, compare=False)
     _key: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _shape: tuple | None = field(default=None, init=False, repr=False, compare=False)
-    #: What :meth:`Graph.add_call` knows of the node's shape, in brief (:func:`call_code`).
+    #: A :meth:`Graph.add_call` node's shape in brief: ``(target, back_a, back_b)``, each
+    #: ``back`` how many nodes before this one the argument's node is (0: a scalar). Equal codes
+    #: at one position mean equal shapes, so the plan cache keys on them where nodes have one
+    #: (a string and two small ints hash and compare faster than a shape).
     _code: tuple[str, int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -195,14 +198,6 @@ class Node:
                 self.rows,
             )
         return self._key
-
-
-def call_code(target: str, back_a: int, back_b: int) -> tuple[str, int, int]:
-    """A :meth:`Graph.add_call` node's shape in brief: its target, then per argument how many
-    nodes back the node it reads is (0: a scalar). Equal codes mean equal shapes at the same
-    position, so a replay plan is cached on codes where nodes have one: a string and two
-    small ints hash and compare faster than a whole shape."""
-    return (target, back_a, back_b)
 
 
 #: Argument types a node carries as themselves (its value is read from the node at replay).
@@ -284,11 +279,13 @@ class Graph:
         self.sites.append(site)
         return node
 
-    def add_call(self, target: str, args: tuple, code: tuple, site: Site | None) -> int:
+    def add_call(
+        self, target: str, args: tuple, a: int | None, b: int | None, site: Site | None
+    ) -> int:
         """Append ``function`` node ``target(*args)`` and return its id: :meth:`add` for the
-        recorder's operators (``h * 2.0``), two arguments each a :class:`Ref` or a scalar.
-        ``code`` is their :func:`call_code`: the node's reads and :meth:`Node.shape` follow
-        from it when asked."""
+        recorder's operators (``h * 2.0``), two arguments each a :class:`Ref` or a scalar;
+        ``a`` and ``b`` are the nodes they read (``None``: a scalar). The node keeps its
+        code (``_code``); its reads and :meth:`Node.shape` follow from it when asked."""
         nodes = self.nodes
         i = len(nodes)
         node = _object_new(Node)  # as in add
@@ -300,7 +297,7 @@ class Graph:
         node.call = 0
         node.rows = None
         node._deps = node._key = node._shape = None
-        node._code = code
+        node._code = (target, 0 if a is None else i - a, 0 if b is None else i - b)
         nodes.append(node)
         self.sites.append(site)
         return i

@@ -387,33 +387,29 @@ class Trace:
         ``Proxy.of()`` and the lookup of a known site are written out inline."""
         if self.state is not _RECORDING or target not in _ALLOWED_OPERATORS:
             return self._operator_slowly(target, node, other, reflected)
-        nodes = self.graph.nodes
-        i = len(nodes)
         try:
             mine = _REFS[node]
         except IndexError:
             mine = ref(node)
         kind = type(other)
         if kind in _PLAIN_ARGS:
-            theirs, back = other, 0
+            theirs, read = other, None
         elif kind is Proxy and other._trace is self:
-            y = other._node
+            read = other._node
             try:
-                theirs = _REFS[y]
+                theirs = _REFS[read]
             except IndexError:
-                theirs = ref(y)
-            back = i - y
+                theirs = ref(read)
         else:
             return self._operator_slowly(target, node, other, reflected)
-        if reflected:
-            args, code = (theirs, mine), (target, back, i - node)  # graph.call_code, inline
-        else:
-            args, code = (mine, theirs), (target, i - node, back)
         frame = _getframe(2)
         site = _KNOWN_SITES.get(frame.f_lasti)
         if site is None or site[0] is not frame.f_code:  # see site.KNOWN
             site = _site_at(frame)
-        i = self.graph.add_call(target, args, code, site)
+        if reflected:
+            i = self.graph.add_call(target, (theirs, mine), read, node, site)
+        else:
+            i = self.graph.add_call(target, (mine, theirs), node, read, site)
         made = _object_new(Proxy)
         _set_trace(made, self)
         _set_node(made, i)
