@@ -1,8 +1,9 @@
 """App: the composition root. A ROUTER socket on an asyncio (uvloop) loop in front of a Service.
 
-The event loop only moves frames: it hands each request to :class:`~.service.Service` (which
-checks it and queues it for a model's worker thread; a large request on a decoding thread) and
-sends whatever replies the service and the workers produce. It never waits on a GPU.
+The event loop only reads frames: it hands each request to :class:`~.service.Service` (which
+checks it and queues it for a model's worker thread; a large request on a decoding thread).
+Replies leave from whichever thread has them, a worker's included (:class:`Wire`). The loop
+never waits on a GPU.
 SIGTERM/SIGINT stop intake, let running jobs finish (up to a grace period), fail queued ones
 with a message, then close.
 """
@@ -10,8 +11,6 @@ with a message, then close.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import os
 import signal
@@ -36,6 +35,8 @@ log = logging.getLogger("lazytensor.server")
 #: is shared, but the loop gets its turn every switch interval instead of waiting for the end).
 INLINE_BYTES = 64 << 10
 DECODERS = 2
+#: Requests the loop reads in one turn before it lets its other callbacks run.
+BURST = 64
 
 
 class App:
@@ -85,32 +86,15 @@ class App:
         socket.bind(self.address)
         self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         loop = self._loop
-
-        waiting: collections.deque = collections.deque()
-        woken = threading.Lock()  # held from one wake-up of the loop until it has run
-
-        on_loop = threading.get_ident()  # this coroutine runs on the loop's thread
-
-        def reply(peer: Any, frames: list) -> None:  # from any thread
-            if threading.get_ident() == on_loop and not waiting:
-                _post(socket, peer, frames)  # on the loop, nothing queued before it: now
-                return
-            waiting.append((peer, frames))
-            if woken.acquire(blocking=False):  # one wake-up carries a whole burst of replies
-                loop.call_soon_threadsafe(move)
-
-        def move() -> None:  # on the loop: each reply is handed to ZeroMQ at once
-            woken.release()
-            while waiting:
-                _post(socket, *waiting.popleft())
+        wire = Wire(socket, loop, self.service.handle)
 
         if signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
         # The bound endpoint, read back by whoever started `lazytensor serve --port 0`.
         log.info("serving %s on %s", ", ".join(self.service.models), self.endpoint)
+        wire.start()
         self.bound.set()
-        receiving = asyncio.create_task(self._receive(socket, reply))
         await self._stop.wait()
         log.info("shutting down: finishing running requests (grace %.0f s)", self.grace)
         self.service.closing = True  # requests still arriving are told so, not dropped
@@ -118,52 +102,86 @@ class App:
         shutdown.start()
         while shutdown.is_alive():
             await asyncio.sleep(0.02)
-        receiving.cancel()
-        await asyncio.sleep(0.05)  # let the last replies reach the loop
-        while waiting:
-            _post(socket, *waiting.popleft())
-        with contextlib.suppress(asyncio.CancelledError):
-            await receiving
+        wire.stop()
         await peers.stop()
         socket.close()
         if authenticator is not None:
             authenticator.stop()
         context.term()
 
-    async def _receive(self, socket: Any, reply: Any) -> None:
-        loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(DECODERS, thread_name_prefix="lazytensor-decode") as pool:
-            while True:
-                identity, *frames = await socket.recv_multipart(copy=False)
-                if sum(len(f.buffer) for f in frames) <= INLINE_BYTES:
-                    self._handle(identity.bytes, frames, reply)
-                else:  # decoding a large request must not hold up everyone else's
-                    loop.run_in_executor(pool, self._handle, identity.bytes, frames, reply)
 
-    def _handle(self, peer: bytes, frames: list, reply: Any) -> None:
+class Wire:
+    """The server socket's traffic: requests read on the event loop, replies sent at once
+    from whichever thread has them.
+
+    ZeroMQ sockets are not thread-safe, but one may be used from several threads one at a
+    time (a lock is the memory barrier ZeroMQ asks for). So a worker thread sends its own
+    result rather than handing it to the loop: the reply leaves without waiting for the loop
+    to wake up (and, on worker threads, for the GIL the worker still holds). The loop wakes
+    on the socket's descriptor, which signals a change of state rather than a message: after
+    every send, from any thread, the socket is asked whether requests wait, and the loop is
+    woken to read them if so (:meth:`reply`).
+    """
+
+    def __init__(self, socket: Any, loop: asyncio.AbstractEventLoop, handle: Any) -> None:
+        # the same socket without asyncio's wrapper: its own sends and receives are not used
+        self.socket = zmq.Socket.shadow(socket.underlying)
+        self.loop, self.handle = loop, handle
+        self.lock = threading.Lock()
+        self.closed = False
+        self.fd = self.socket.getsockopt(zmq.FD)
+        self.on_loop = threading.get_ident()
+        # decoding a large request must not hold up everyone else's
+        self.pool = ThreadPoolExecutor(DECODERS, thread_name_prefix="lazytensor-decode")
+
+    def start(self) -> None:
+        self.loop.add_reader(self.fd, self.read)
+        self.loop.call_soon(self.read)  # whatever came before the reader was added
+
+    def stop(self) -> None:
+        """Stop reading; replies still coming are dropped (their results stay kept)."""
+        self.loop.remove_reader(self.fd)
+        with self.lock:
+            self.closed = True
+        self.pool.shutdown(wait=False)
+
+    def read(self) -> None:
+        """On the loop: take every waiting request (a burst in turns of :data:`BURST`)."""
+        socket = self.socket
+        for _ in range(BURST):
+            with self.lock:
+                if self.closed or not socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return
+                identity, *frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            peer = identity.bytes
+            if sum(len(f.buffer) for f in frames) <= INLINE_BYTES:
+                self._handle(peer, frames)
+            else:
+                self.loop.run_in_executor(self.pool, self._handle, peer, frames)
+        self.loop.call_soon(self.read)  # the rest after the loop's other work
+
+    def _handle(self, peer: bytes, frames: list) -> None:
         try:
-            self.service.handle(peer, frames, reply)
+            self.handle(peer, frames, self.reply)
         except Exception:  # the service answers errors itself; this is a last guard
             log.exception("unhandled error for a request")
 
-
-def _post(socket: Any, peer: Any, frames: list) -> None:
-    """Hand a reply to ZeroMQ from the loop's thread, without waiting for it: a ROUTER socket
-    queues it (or, for a gone peer, drops it), so there is nothing to wait for."""
-    try:
-        sending = socket.send_multipart([peer, *frames], copy=False)
-    except zmq.ZMQError as exc:  # the peer is gone: its result stays kept for a fetch
-        log.info("could not deliver a reply: %s", exc)
-        return
-    if sending.done():
-        _delivered(sending)
-    else:
-        sending.add_done_callback(_delivered)
-
-
-def _delivered(sending: Any) -> None:
-    if not sending.cancelled() and sending.exception() is not None:
-        log.info("could not deliver a reply: %s", sending.exception())
+    def reply(self, peer: Any, frames: list) -> None:
+        """Send ``frames`` to ``peer`` now, from any thread, without waiting: a ROUTER socket
+        queues a reply (or, for a gone peer, drops it), so nothing blocks."""
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                self.socket.send_multipart([peer, *frames], zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:  # the peer is gone: its result stays kept for a fetch
+                log.info("could not deliver a reply: %s", exc)
+            waiting = self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        if waiting:  # this send may have consumed the descriptor's signal: read them anyway
+            if threading.get_ident() == self.on_loop:
+                self.loop.call_soon(self.read)
+            else:
+                self.loop.call_soon_threadsafe(self.read)
 
 
 def serve_in_thread(service: Service, address: str = "tcp://127.0.0.1:0") -> App:
