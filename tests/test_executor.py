@@ -469,3 +469,26 @@ def test_a_failing_function_node_in_a_chain_is_named(tiny_mlp: TinyMLP) -> None:
     with pytest.raises(NodeFailure) as caught:
         run(tiny_mlp, graph, inputs(2))
     assert caught.value.node == bad.id and isinstance(caught.value.error, RuntimeError)
+
+
+def test_submodule_finds_what_get_submodule_finds() -> None:
+    """The executor's module lookup reads registered children directly; wherever an
+    attribute would shadow a child, or a path is wrong, torch's ``get_submodule`` decides."""
+    from lazytensor.runtime.hooks import submodule
+
+    class Shadowed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+
+        @property
+        def head(self) -> nn.Module:  # a property named like a child wins over the child
+            return self.inner[0]
+
+    model = nn.Sequential(TinyMLP(), Shadowed())
+    model[1]._modules["head"] = nn.Linear(3, 3)  # registered, but the property shadows it
+    for path, _ in model.named_modules():
+        assert submodule(model, path) is model.get_submodule(path)
+    assert submodule(model, "1.head") is model.get_submodule("1.head") is model[1].inner[0]
+    with pytest.raises(AttributeError, match="nope"):
+        submodule(model, "1.inner.nope")

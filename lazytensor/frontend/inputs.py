@@ -123,9 +123,11 @@ class TokenInputs:
         kwargs = forward_kwargs(parts)
         if kinds == {True}:
             kwargs["inputs_embeds"] = torch.stack([_pad_embeds(r, width) for r in rows])
-        else:
+        elif padded:  # reading pad_token_id costs a tokenizer lookup: only when it is used
             pad = self.tokenizer.pad_token_id
             kwargs["input_ids"] = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        else:
+            kwargs["input_ids"] = torch.tensor(rows)  # (B, T)
         kwargs["attention_mask"] = mask
         if generate:
             kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)

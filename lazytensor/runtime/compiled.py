@@ -44,6 +44,7 @@ from ..core.graph import Batch, Graph
 from . import codegen
 from .codegen import Unsupported
 from .generation import Generation, Past
+from .hooks import submodule
 from .moments import RESULT_KEY
 from .plan import POST, PRE
 from .rows import Layout
@@ -93,7 +94,7 @@ class Program:
             handles = []
             try:
                 for path, kind, hook in self.hooks:
-                    module = self.model.get_submodule(path)
+                    module = submodule(self.model, path)
                     if kind == PRE:
                         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
                     else:

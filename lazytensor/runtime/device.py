@@ -34,5 +34,9 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     def move(value: Any) -> Any:
         return value.to(device) if isinstance(value, torch.Tensor) else value
 
+    flat = batch.kwargs.values()
+    if not batch.args and all(type(v) is torch.Tensor and v.device == device for v in flat):
+        return batch  # the usual batch of a trace on CPU: nothing to move, nothing to copy
+
     args, kwargs = tree.map(move, batch.args), tree.map(move, batch.kwargs)
     return Batch(args, kwargs, batch.size, batch.generate)

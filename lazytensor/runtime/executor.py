@@ -588,7 +588,7 @@ class Executor:
 
     def weight(self, node: Node) -> Any:
         module, _, name = node.target.rpartition(".")
-        owner = self.model.get_submodule(module)
+        owner = hooks.submodule(self.model, module)
         if name in owner._parameters:
             return owner._parameters[name]
         if name in owner._buffers:

@@ -13,6 +13,7 @@ import torch
 
 from ..core.graph import Batch, Const, Graph, Ref
 from . import calls, codegen
+from .hooks import submodule
 from .moments import RESULT_KEY, TOKENS_KEY, describe
 from .outcome import IF_CALLED
 from .plan import POST, PRE, Plan
@@ -268,7 +269,7 @@ class Generation:
         handles = []
         try:
             for path, kind, hook in self.hooks:
-                module = model.get_submodule(path)
+                module = submodule(model, path)
                 if kind == PRE:
                     handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
                 else:

@@ -62,8 +62,9 @@ def install(ex: Executor) -> list[Any]:
         for path, names in sites.items():
             handles.append(_instrument(ex, path, names))
         handles.extend(skips.install(ex, running))  # after the hooks, which resolve the paths
-        first = {n.target: n.id for n in reversed(ex.graph.nodes) if n.op == "module"}
-        ex.modules = {path: _module(ex, path, first[path]) for path in ex.plan.modules}
+        if ex.plan.modules:
+            first = {n.target: n.id for n in reversed(ex.graph.nodes) if n.op == "module"}
+            ex.modules = {path: _module(ex, path, first[path]) for path in ex.plan.modules}
     except BaseException:
         for handle in handles:
             handle.remove()
@@ -73,9 +74,30 @@ def install(ex: Executor) -> list[Any]:
 
 def _module(ex: Executor, path: str, node: int) -> torch.nn.Module:
     try:
-        return ex.model.get_submodule(path)
+        return submodule(ex.model, path)
     except AttributeError as exc:
         raise NodeFailure(node, AttributeError(f"the model has no module {path!r}")) from exc
+
+
+def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """``model.get_submodule(path)``, read straight from each module's registered children
+    (one dict lookup per name, where ``get_submodule`` asks ``hasattr`` and ``getattr`` of
+    ``Module.__getattr__``); anything else, and every error, is ``get_submodule``'s."""
+    module = model
+    for name in path.split(".") if path else ():
+        kind = type(module)
+        child = module._modules.get(name) if kind.__getattr__ is _GETATTR else None
+        if child is None or name in module.__dict__ or _on_class(kind, name):
+            return model.get_submodule(path)  # missing, or shadowed by an attribute
+        module = child
+    return module
+
+
+def _on_class(kind: type, name: str) -> bool:
+    return any(name in c.__dict__ for c in kind.__mro__)
+
+
+_GETATTR = torch.nn.Module.__getattr__
 
 
 def _root(ex: Executor) -> Callable:
