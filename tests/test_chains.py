@@ -8,6 +8,7 @@ and its plan.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import pathlib
 
@@ -256,6 +257,39 @@ def test_a_failure_inside_a_chain_names_its_line(net: lt.Model) -> None:
             (doubled + wide).save()
     message = str(info.value)
     assert f"{pathlib.Path(__file__).name}:{line}" in message and "doubled + wide" in message
+
+
+def test_a_loop_of_scalar_ops_runs_as_one_segment(net: lt.Model) -> None:
+    """The ``h * a + b`` loop is one looped segment; its first step (reading the module's
+    stored output) and its last (the saved one) are steps of their own."""
+    x = inputs()
+    saved, graph = looped(net, x, 20, 1.5)
+    exact(saved, by_hand(net._module, x, 20, 1.5))
+    [chain] = Plan.of(graph).chains.values()
+    first, loop, last = chain.segments
+    assert (first[0], first[1][:2]) == (None, (1, chains._VS))
+    assert loop[0] == chains._LS and [i for i, _ in loop[1]] == list(range(2, 40))
+    assert (last[0], last[1][:2]) == (None, (40, chains._LS))
+
+
+def test_a_failure_inside_a_looped_segment_names_its_line(net: lt.Model) -> None:
+    for numel in (48, 7):  # one structure: the second run fails inside the chain's loop
+        with pytest.raises(RuntimeError) if numel == 7 else contextlib.nullcontext() as info:
+            with net.trace(inputs()) as tracer:
+                h = net.layer1.output * 2.0  # (3, 16)
+                h = h + 1.0
+                line = inspect.currentframe().f_lineno + 1
+                h = h.view(numel)  # (48,): 7 elements cannot view (3, 16)
+                h = h - 1.0
+                h.save()
+        if numel == 48:
+            [chain] = Plan.of(tracer.graph).chains.values()
+            assert chain.segments[1][0] == chains._LS and [i for i, _ in chain.segments[1][1]] == [
+                2,
+                3,
+            ]
+    message = str(info.value)
+    assert f"{pathlib.Path(__file__).name}:{line}" in message and "h.view(numel)" in message
 
 
 @pytest.mark.parametrize("option", ["deadline", "stop_at"])

@@ -16,7 +16,9 @@ Each step is specialized on where its arguments come from (:data:`_PAIRS`): a va
 next node reads lives in a local variable, as in the same loop written by hand, and scalars
 are read from the running graph's nodes, so one chain serves every graph of its structure.
 Anything else (slices, containers, constants, keywords) is resolved as the executor resolves
-it (:func:`_call`).
+it (:func:`_call`). Consecutive steps of one kind that store nothing (the ``h * a + b`` loop is
+one such run) form a segment, run by a loop of its own: a chain dispatches on the kind once
+per segment rather than once per step.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class Chain:
         steps: per node ``(id, kind, function, a, b, store)`` (resolved on the first run):
             ``a``/``b`` the stored values read, ``store`` whether a later node reads the
             value from the stored ones; for ``_ANY``, ``a`` is the node's whole pattern.
+        segments: the steps again, as ``(kind, items)``: a run of steps of one of the kinds
+            in :data:`_LOOPED` that store nothing has items ``(id, function)``; any other
+            step is a segment of its own, ``(None, step)``.
         scratch: nodes stored only for a later node of the chain: dropped after the run.
         gives_last: whether a node after the chain reads its last node.
     """
@@ -64,6 +69,7 @@ class Chain:
     gives: tuple[tuple[int, int], ...]
     last: tuple[tuple[int, ...], ...]
     steps: list | None = field(default=None, repr=False)
+    segments: list | None = field(default=None, repr=False)
     scratch: tuple[int, ...] = ()
     gives_last: bool = True
 
@@ -78,15 +84,29 @@ class Chain:
     def run(self, graph: Graph, values: list, kept: set[int] | frozenset[int]) -> None:
         """Compute the chain into ``values``: afterwards they hold the chain nodes read after
         it and those in ``kept``. An error is a :class:`Failed` naming the node that raised."""
-        if self.steps is None:
+        if self.segments is None:  # set last: another thread replaying it sees all or none
             self.steps, self.scratch = _steps(self, graph)
+            self.segments = _segments(self.steps)
         start, stop = self.start, self.stop
         for k in kept:
             if start <= k < stop:  # a value inside the chain is saved: keep every value
                 return self._run_keeping(graph, values, kept)
         nodes, consts, v, i = graph.nodes, graph.constants, None, start
         try:
-            for i, kind, fn, a, b, store in self.steps:
+            for looped, items in self.segments:
+                if looped == _LS:
+                    for i, fn in items:
+                        v = fn(v, nodes[i].args[1])
+                    continue
+                if looped == _SL:
+                    for i, fn in items:
+                        v = fn(nodes[i].args[0], v)
+                    continue
+                if looped == _L:
+                    for i, fn in items:  # noqa: B007 - `i` names the node if one fails
+                        v = fn(v)
+                    continue
+                i, kind, fn, a, b, store = items
                 if kind == _LS:
                     v = fn(v, nodes[i].args[1])
                 elif kind == _L:
@@ -261,6 +281,25 @@ def _steps(chain: Chain, graph: Graph) -> tuple[list[tuple], tuple[int, ...]]:
     given = {i for i, _ in chain.gives}
     scratch = tuple(sorted(d for d in stored if start <= d < stop and d not in given))
     return steps, scratch
+
+
+#: Step kinds a segment runs in a loop of its own (see :class:`Chain`): those that read only
+#: the previous value and the node's own scalars.
+_LOOPED = frozenset((_LS, _SL, _L))
+
+
+def _segments(steps: list[tuple]) -> list[tuple]:
+    """``steps`` as :attr:`Chain.segments`."""
+    segments: list[tuple] = []
+    for step in steps:
+        i, kind, fn, _, _, store = step
+        if kind not in _LOOPED or store:
+            segments.append((None, step))
+        elif segments and segments[-1][0] == kind:
+            segments[-1][1].append((i, fn))
+        else:
+            segments.append((kind, [(i, fn)]))
+    return segments
 
 
 def _function(node: Node) -> Callable:
