@@ -77,7 +77,7 @@ def log() -> Log:
 
 @pytest.fixture
 def p(log: Log) -> Proxy:
-    return Proxy(log, 0)
+    return Proxy.of(log, 0)
 
 
 # -- operators --------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_a_tensor_on_the_left_of_an_operator_also_reaches_the_trace(log: Log, p:
 )
 def test_materialization_points_ask_the_trace(use, expected) -> None:
     log = Log(torch.tensor(3))
-    p = Proxy(log, 4)
+    p = Proxy.of(log, 4)
     assert use(p) == expected
     assert log.calls == [("materialize", 4)]
 

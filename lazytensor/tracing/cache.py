@@ -58,7 +58,7 @@ def record(trace: Trace, modules: Any, include_inputs: bool) -> Cache:
             node = graph.add(kind, path, kwargs=dict(flags), call=call, rows=trace.rows, site=site)
             graph.save(node.id)
             ids[path][kind] = node.id
-    store = {path: {k: Proxy(trace, i) for k, i in kinds_.items()} for path, kinds_ in ids.items()}
+    store = {path: {k: Proxy.of(trace, i) for k, i in kinds.items()} for path, kinds in ids.items()}
     cache = Cache(store, _sizes(root, paths))
     trace.filled.append(_Fill(store, ids))
     return cache

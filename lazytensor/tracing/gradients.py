@@ -79,7 +79,7 @@ def read(trace: Trace, proxy: Proxy) -> Proxy:
     refs: list[int] = []
     value = to_graph(proxy, trace, refs)
     node = trace.graph.add("grad", "", (value,), call=call, site=here())
-    return Proxy(trace, node.id)
+    return Proxy.of(trace, node.id)
 
 
 def write(trace: Trace, proxy: Proxy, new: Any) -> None:

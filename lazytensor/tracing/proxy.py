@@ -26,14 +26,14 @@ class Proxy:
 
     __slots__ = ("_trace", "_node")
 
-    def __init__(self, trace: Trace, node: int) -> None:
-        object.__setattr__(self, "_trace", trace)
-        object.__setattr__(self, "_node", node)
-
     @classmethod
     def of(cls, trace: Trace, node: int) -> Proxy:
-        """``Proxy(trace, node)``, made the fast way (one is made for every recorded op)."""
-        made = _object_new(cls)
+        """The proxy of node ``node`` of ``trace``.
+
+        One is made for every recorded op, so the fast way: the class has no ``__init__``, so
+        ``cls()`` is a plain allocation (cheaper than ``object.__new__(cls)``), and the slots
+        are set through their descriptors (``Proxy.__setattr__`` records attribute writes)."""
+        made = cls()
         _set_trace(made, trace)
         _set_node(made, node)
         return made
@@ -219,6 +219,5 @@ for _name in dir(torch.Tensor):
     if not _name.startswith("_") and ops.is_method(_name) and not hasattr(Proxy, _name):
         setattr(Proxy, _name, _method_attribute(_name))
 
-_object_new = object.__new__
 _set_trace = Proxy._trace.__set__  # type: ignore[attr-defined]
 _set_node = Proxy._node.__set__  # type: ignore[attr-defined]

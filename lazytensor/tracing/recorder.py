@@ -82,4 +82,4 @@ def record_python(trace: Trace, fn: Any, args: tuple, kwargs: dict) -> Proxy:
     graph_kwargs = to_graph(kwargs, trace, refs) if kwargs else {}
     node = trace.graph.add("python", name, graph_args, graph_kwargs, site=here())
     node._deps = tuple(sorted(set(refs)))
-    return Proxy(trace, node.id)
+    return Proxy.of(trace, node.id)

@@ -76,7 +76,7 @@ class Shapes:
     def _carried(self, node: Node) -> Any:
         segment, index = node.args
         source = self.trace.session.segments[segment]
-        return source.meta(Proxy(source, index))
+        return source.meta(Proxy.of(source, index))
 
     def _without_carries(self, graph: Graph) -> Graph:
         """``graph`` with each carried tensor a constant of its shape: a shape-only pass runs

@@ -306,12 +306,12 @@ class Trace:
     def read(self, path: str, op: str) -> Proxy:
         self._check_recording()
         node = self.graph.add(op, path, call=self.call, rows=self.rows, site=_site())
-        return Proxy(self, node.id)
+        return Proxy.of(self, node.id)
 
     def weight(self, path: str) -> Proxy:
         """A model parameter or buffer (``lm.lm_head.weight``), read-only inside the trace."""
         self._check_recording()
-        return Proxy(self, self.graph.add("weight", path, site=_site()).id)
+        return Proxy.of(self, self.graph.add("weight", path, site=_site()).id)
 
     def write(self, path: str, op: str, value: Any) -> None:
         self._check_recording()
@@ -371,7 +371,7 @@ class Trace:
         node = self.graph.add(op, target, tuple(graph_args), graph_kwargs, site=site)
         # the reads were collected while converting: no second walk
         node._deps = (refs[0],) if len(refs) == 1 else tuple(sorted(set(refs)))
-        made = _object_new(Proxy)  # Proxy.of(self, node.id), inline as in operator
+        made = Proxy()  # Proxy.of(self, node.id), inline as in operator
         _set_trace(made, self)
         _set_node(made, node.id)
         return made
@@ -410,7 +410,7 @@ class Trace:
             i = self.graph.add_call(target, (theirs, mine), read, node, site)
         else:
             i = self.graph.add_call(target, (mine, theirs), node, read, site)
-        made = _object_new(Proxy)
+        made = Proxy()
         _set_trace(made, self)
         _set_node(made, i)
         return made
