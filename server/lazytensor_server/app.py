@@ -11,6 +11,7 @@ with a message, then close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -181,7 +182,8 @@ class Wire:
             if threading.get_ident() == self.on_loop:
                 self.loop.call_soon(self.read)
             else:
-                self.loop.call_soon_threadsafe(self.read)
+                with contextlib.suppress(RuntimeError):  # the loop closed: nothing to read
+                    self.loop.call_soon_threadsafe(self.read)
 
 
 def serve_in_thread(service: Service, address: str = "tcp://127.0.0.1:0") -> App:
