@@ -14,6 +14,7 @@ model's own libraries (Hugging Face's capture of ``hidden_states``) stay: the mo
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -93,7 +94,10 @@ def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
     return module
 
 
+@functools.lru_cache(maxsize=4096)
 def _on_class(kind: type, name: str) -> bool:
+    """Whether a class of ``kind``'s MRO defines ``name`` (which would shadow a child of that
+    name); kept per class and name, as a model's classes do not change between runs."""
     return any(name in c.__dict__ for c in kind.__mro__)
 
 
