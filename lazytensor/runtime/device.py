@@ -31,12 +31,12 @@ def device_of(module: Any) -> torch.device:
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """``batch`` with every tensor moved to ``device`` (no copy for those already there)."""
 
+    values = batch.kwargs.values()
+    if not batch.args and all(type(v) is torch.Tensor and v.device == device for v in values):
+        return batch  # the usual batch of a trace: tensors only, all in place already
+
     def move(value: Any) -> Any:
         return value.to(device) if isinstance(value, torch.Tensor) else value
-
-    flat = batch.kwargs.values()
-    if not batch.args and all(type(v) is torch.Tensor and v.device == device for v in flat):
-        return batch  # the usual batch of a trace on CPU: nothing to move, nothing to copy
 
     args, kwargs = tree.map(move, batch.args), tree.map(move, batch.kwargs)
     return Batch(args, kwargs, batch.size, batch.generate)
