@@ -11,12 +11,15 @@ reference, so both are known to do the same work.
   per-step edit, and microseconds per recorded op.
 * ``--size medium``: a GPT-2-small-shaped model (12 layers, d=768) and a 12-layer d=512 Llama,
   at batch 1 and 8, seq 32 and 128. The *× hooks* column is the headline.
+* ``--size 1b``: a Llama-3.2-1B-shaped model (random weights, drawn on the device) at batch 1,
+  seq 16: the GPU target's model (eager traces within 1.05× of hooks).
 
 Examples::
 
     python benchmarks/bench_trace.py --size tiny
     python benchmarks/bench_trace.py --size all --json bench.json --markdown
     python benchmarks/bench_trace.py --size medium --device cuda --dtype bfloat16
+    python benchmarks/bench_trace.py --size 1b --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -217,7 +220,7 @@ def report(results: list[dict[str, Any]], markdown: bool) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=("tiny", "medium", "all"), default="tiny")
+    parser.add_argument("--size", choices=("tiny", "medium", "all", "1b"), default="tiny")
     common.add_arguments(parser, "default: 200 tiny; medium 3 on cpu, 50 on cuda")
     parser.add_argument("--generate", action="store_true", help="time generation on medium too")
     return parser.parse_args(argv)
@@ -229,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     shapes = [(s, True) for s in common.TINY] if args.size in ("tiny", "all") else []
     if args.size in ("medium", "all"):
         shapes += [(s, False) for s in common.MEDIUM]
+    if args.size == "1b":  # the GPU target's model (built in memory: a GPU, or patience)
+        shapes = [(common.LLAMA_1B, False)]
     info = common.machine(args.device)
     print(" · ".join(f"{k}: {v}" for k, v in info.items()), f"· {args.dtype} · clock {args.clock}")
     results = []

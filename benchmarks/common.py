@@ -63,10 +63,14 @@ class Shape:
     heads: int
     batch: int
     seq: int
+    #: Extra config fields (pairs); a shape with any is built in memory on the device, not on
+    #: disk (a 1B model's random weights are quicker to draw there than to write and read).
+    config: tuple = ()
 
     @property
     def label(self) -> str:
-        return f"{self.arch} L={self.layers} d={self.hidden}, batch {self.batch} x seq {self.seq}"
+        name = "Llama-3.2-1B-shaped" if self.config else self.arch
+        return f"{name} L={self.layers} d={self.hidden}, batch {self.batch} x seq {self.seq}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +97,14 @@ MEDIUM = [
     for batch in (1, 8)
     for seq in (32, 128)
 ]
+#: The GPU target's model: Llama-3.2-1B's widths (grouped-query attention, a 128k vocabulary,
+#: tied embeddings), random weights, at batch 1.
+LLAMA_1B = Shape(
+    "llama", 16, 2048, 32, 1, 16,
+    config=(("intermediate_size", 8192), ("num_key_value_heads", 8), ("vocab_size", 128256),
+            ("tie_word_embeddings", True), ("rope_theta", 500000.0),
+            ("max_position_embeddings", 2048)),
+)  # fmt: skip
 
 
 def model_dir(shape: Shape) -> pathlib.Path:
@@ -112,9 +124,35 @@ def load(shape: Shape, device: str, dtype: str) -> tuple[torch.nn.Module, Any]:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    if shape.config:
+        return _in_memory(shape, device, dtype)
     path = model_dir(shape)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _in_memory(shape: Shape, device: str, dtype: str) -> tuple[torch.nn.Module, Any]:
+    """A random-weight model of ``shape`` drawn on ``device``, with the tiny tokenizer (the
+    benchmarks' token ids are below 500, and only its special ids are read)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from lazytensor.tiny import build_tokenizer
+
+    root = pathlib.Path(os.environ.get("LAZYTENSOR_BENCH_CACHE", tempfile.gettempdir()))
+    path = root / "lazytensor-bench-tokenizer"
+    if not (path / "tokenizer.json").exists():
+        build_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    special = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    config = LlamaConfig(
+        hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, **dict(shape.config), **special,
+    )  # fmt: skip
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    for name, value in special.items():
+        setattr(model.generation_config, name, value)
+    return model.eval(), tokenizer
 
 
 def token_rows(shape: Shape, seed: int) -> list[list[int]]:

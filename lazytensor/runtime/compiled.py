@@ -83,9 +83,10 @@ class Program:
                 self.hooks.append((key[0], key[1], codegen.hook(code, key[1], self.state)))
             elif ids:
                 raise Unsupported(f"moment {key} cannot be compiled")
-        options = (
-            {"mode": "reduce-overhead"} if codegen.on_cuda(model) and backend == "inductor" else {}
-        )
+        # CUDA graphs replay into the same output memory each time: the values a run returns
+        # are copied out before the next run can overwrite them.
+        self.graphs = codegen.on_cuda(model) and backend == "inductor"
+        options = {"mode": "reduce-overhead"} if self.graphs else {}
         run = _entry(model, self.state, prologue, result, self.saved)
         self.function = torch.compile(run, backend=backend, dynamic=False, **options)
 
@@ -99,7 +100,11 @@ class Program:
                         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
                     else:
                         handles.append(module.register_forward_hook(hook))
+                if self.graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 values = self.function(list(graph.constants), batch.args, batch.kwargs)
+                if self.graphs:
+                    values = [v.clone() if isinstance(v, torch.Tensor) else v for v in values]
             finally:
                 for handle in handles:
                     handle.remove()

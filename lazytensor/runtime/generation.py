@@ -223,6 +223,8 @@ class Generation:
             run.steps += 1
             carried = tuple([run.latest[i] for i in step.carried])
             consts = tuple([run.consts[i] for i in step.consts])
+            if self.clone:  # each step is a new CUDA-graph replay; the last one's values are kept
+                torch.compiler.cudagraph_mark_step_begin()
             out, values = self.kinds[step.kind].function(consts, carried, args, kwargs)
             if self.clone:
                 values = [v.clone() if isinstance(v, torch.Tensor) else v for v in values]
