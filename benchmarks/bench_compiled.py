@@ -76,11 +76,12 @@ def forcing(
     return out
 
 
-def agree(what: str, got: Any, want: Any, device: str) -> None:
+def agree(what: str, got: Any, want: Any, device: str, check: bool = True) -> None:
     """Compiled against eager: equal within ``assert_close``'s tolerances on a CPU (else an
     error); on a GPU, where the compiled kernels round differently, the relative error of the
-    whole tensor and the share of equal elements are printed for the reader to judge."""
-    if not device.startswith("cuda"):
+    whole tensor and the share of equal elements are printed for the reader to judge (and
+    with ``check=False``, on a CPU too)."""
+    if check and not device.startswith("cuda"):
         torch.testing.assert_close(got, want)
         return
     g, w = got.double(), want.double()
@@ -149,6 +150,8 @@ class Bench:
         samples, first = common.measure(cases, repeats, 3, self.sync, self.clock)
         device = self.args.device
         agree("compiled trace vs eager", first["compiled trace"], first["eager trace"], device)
+        agree("(the forcing's own effect: eager vs the plain forward)", first["forward"].logits,
+              first["eager trace"], device, check=False)  # fmt: skip
         exact = {} if device.startswith("cuda") else {"rtol": 0, "atol": 0}
         torch.testing.assert_close(first["hooks"].logits, first["eager trace"], **exact)
         self.constants()

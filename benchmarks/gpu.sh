@@ -19,9 +19,12 @@ export PYTHONPATH="$PWD:$PWD/server${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED
 PY=${PY:-python3}
 common=(--device "$DEVICE" --dtype "$DTYPE")
 
+STEPS=${STEPS:-trace_1b compiled_1b trace_tiny}  # a subset, to run some again
+
 step() {  # step NAME SECONDS COMMAND...: run it with a limit, its output also in $OUT/NAME.log
     local name=$1 limit=$2
     shift 2
+    [[ " $STEPS " == *" $name "* ]] || return 0
     echo "== $name (limit ${limit} s)"
     local start=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"

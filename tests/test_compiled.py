@@ -51,6 +51,30 @@ def test_compiled_replay_equals_eager_and_is_reused_across_constants(llama) -> N
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in llama._module.modules())
 
 
+def test_numbers_assigned_into_tensors_are_inputs_too(llama) -> None:
+    """``x[...] = 5.0`` then ``= 6.0``: one compilation, each run with its own number, and a
+    number anywhere else (``h * 2.0``) still part of the structure."""
+    backend = Counting()
+
+    def sweep(value: float, scale: float, compile) -> list[torch.Tensor]:
+        with llama.trace(PROMPT, compile=compile):
+            llama.model.layers[1].mlp.down_proj.input[:, -1, [3, 5]] = value
+            llama.model.layers[2].output[:, -1, 0] = -value
+            h = (llama.model.layers[2].output[:, -1] * scale).save()
+            logits = llama.output.logits.save()
+        return [h, logits]
+
+    for value in (1.0, 2.0, -3.0, 7.5, 1e-3):
+        got, want = sweep(value, 2.0, backend), sweep(value, 2.0, False)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert backend.graphs == 1  # the second run compiled; the later values reused it
+    for scale in (3.0, 3.0):
+        for g, w in zip(sweep(4.0, scale, backend), sweep(4.0, scale, False), strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert backend.graphs == 2  # another multiplier is another structure
+
+
 def test_a_new_structure_compiles_again(llama) -> None:
     backend = Counting()
     values = torch.full((2,), 4.0)

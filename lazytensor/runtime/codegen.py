@@ -103,10 +103,18 @@ def on_cuda(model: torch.nn.Module) -> bool:
 
 
 def code(
-    name: str, ids: list[int], graph: Graph, layout: Layout, *, any_call: bool = False
+    name: str,
+    ids: list[int],
+    graph: Graph,
+    layout: Layout,
+    *,
+    any_call: bool = False,
+    written: dict[int, str] | None = None,
 ) -> Callable:
     """A function ``(state, current) -> replacement or None`` running nodes ``ids`` in order,
     as straight-line Python (what ``torch.compile`` traces into the model's graph).
+    ``written`` maps the ids of assignments whose value is an input of the compiled function
+    to that input's expression (it replaces the number the node carries).
 
     No text of the graph becomes code: every value, name and target is bound in the
     function's namespace under a generated name, keyword names must be identifiers, and node
@@ -139,7 +147,10 @@ def code(
         elif op == "function" and node.target in _SYNTAX and not kwargs:
             lines.append(f"    v[{i}] = " + _SYNTAX[node.target].format(*args))
             if node.target == "operator.setitem":
-                lines[-1] = f"    {args[0]}[{args[1]}] = {args[2]}; v[{i}] = None"
+                value = args[2]
+                if written and i in written:  # in the tensor's dtype, as the number would be
+                    value = f"{written[i]}.to({args[0]}.dtype)"
+                lines[-1] = f"    {args[0]}[{args[1]}] = {value}; v[{i}] = None"
         elif op == "function":
             lines.append(f"    v[{i}] = {_name(names, ops.runnable_function(node.target))}({call})")
         elif op == "method":

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ..core import tree
-from ..core.graph import Batch, Graph
+from ..core.graph import Batch, Graph, _freeze
 from . import codegen
 from .codegen import Unsupported
 from .generation import Generation, Past
@@ -70,13 +70,17 @@ class Program:
         self.state = codegen.State()
         self.lock = threading.Lock()
         self.hooks: list[tuple[str, str, Callable]] = []
-        prologue, result = codegen.code("prologue", log_[0][1], graph, layout), None
-        seen = set()
+        # Numbers assigned into tensors (``x[:, -1, ids] = 5.0``) are inputs, like the tensor
+        # constants: one vector after them, so a sweep of values reuses the compiled code.
+        self.floats = written_floats(graph)
+        written = {i: f"c[{len(graph.constants)}][{k}]" for k, i in enumerate(self.floats)}
+        prologue = codegen.code("prologue", log_[0][1], graph, layout, written=written)
+        result, seen = None, set()
         for key, ids in log_[1:]:
             if key in seen:
                 raise Unsupported(f"{key[0] or 'the model'} runs several times in one forward")
             seen.add(key)
-            code = codegen.code(f"moment_{len(seen)}", ids, graph, layout)
+            code = codegen.code(f"moment_{len(seen)}", ids, graph, layout, written=written)
             if key == RESULT_KEY:
                 result = code
             elif key[1] in (PRE, POST):
@@ -86,6 +90,7 @@ class Program:
         # CUDA graphs replay into the same output memory each time: the values a run returns
         # are copied out before the next run can overwrite them.
         self.graphs = codegen.on_cuda(model) and backend == "inductor"
+        self.device = next(model.parameters()).device if codegen.on_cuda(model) else None
         options = {"mode": "reduce-overhead"} if self.graphs else {}
         run = _entry(model, self.state, prologue, result, self.saved)
         self.function = torch.compile(run, backend=backend, dynamic=False, **options)
@@ -102,7 +107,7 @@ class Program:
                         handles.append(module.register_forward_hook(hook))
                 if self.graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                values = self.function(list(graph.constants), batch.args, batch.kwargs)
+                values = self.function(self._inputs(graph), batch.args, batch.kwargs)
                 if self.graphs:
                     values = [v.clone() if isinstance(v, torch.Tensor) else v for v in values]
             finally:
@@ -110,6 +115,44 @@ class Program:
                     handle.remove()
                 self.state.values, self.state.consts = {}, []  # hold nothing between runs
         return dict(zip(self.saved, values, strict=True))
+
+    def _inputs(self, graph: Graph) -> list[Any]:
+        """The compiled function's constants: the graph's, then the assigned numbers, on the
+        model's GPU when it has one (a CPU tensor would keep the function off CUDA graphs)."""
+        consts = list(graph.constants)
+        if self.floats:
+            numbers = [graph.nodes[i].args[2] for i in self.floats]
+            consts.append(torch.tensor(numbers, dtype=torch.float64))
+        if self.device is not None:
+            consts = [
+                c.to(self.device, non_blocking=True) if isinstance(c, torch.Tensor) else c
+                for c in consts
+            ]
+        return consts
+
+
+def written_floats(graph: Graph) -> list[int]:
+    """Ids of the assignments of a Python ``float`` into a tensor (``x[...] = 5.0``)."""
+    return [
+        i
+        for i, node in enumerate(graph.nodes)
+        if node.target == "operator.setitem"
+        and node.op == "function"
+        and len(node.args) == 3
+        and type(node.args[2]) is float
+    ]
+
+
+def _structure(graph: Graph, floats: list[int]) -> tuple:
+    """:meth:`Graph.structure_key`, blind to the values of the assignments ``floats``."""
+    key = graph.structure_key()
+    if not floats:
+        return key
+    nodes = list(key[0])
+    for i in floats:
+        own = nodes[i]
+        nodes[i] = ("assigned float", *own[:2], _freeze(graph.nodes[i].args[:2]), *own[3:])
+    return (tuple(nodes), *key[1:])
 
 
 def _entry(
@@ -149,7 +192,10 @@ class Programs:
         """The saved values from the compiled program, or ``None``: run it eagerly (after a
         first run of the structure, recording its schedule, or when it cannot compile)."""
         try:
-            key = (id(model), graph.structure_key(), _signature(batch), _backend(compile))
+            # A generation's steps are matched on their numbers (:mod:`.generation`): for it,
+            # assigned numbers stay part of the structure.
+            floats = [] if batch.generate else written_floats(graph)
+            key = (id(model), _structure(graph, floats), _signature(batch), _backend(compile))
         except Exception:  # an argument that has no structure key
             return None
         with self.lock:

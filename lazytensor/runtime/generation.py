@@ -46,6 +46,7 @@ class _Kind:
                     f"step_{number}_{n}", ids, graph, layout, any_call=True
                 )
         self.function: Callable | None = None
+        self.eager: Callable | None = None  # the same function uncompiled: a CUDA-graph prompt
 
 
 def _wiring(moments: list, graph: Graph) -> tuple[tuple, tuple]:
@@ -197,6 +198,7 @@ class Generation:
             wiring = (first.carried, first.consts, first.produced)
             function = _step_entry(self.state, codes, wiring, self.forward, enter, leave)
             kind.function = torch.compile(function, backend=backend, dynamic=False, **options)
+            kind.eager = function
         keys = sorted({k for kind in self.kinds for k in kind.codes if k[0]})
         self.hooks = [(path, kind, _dispatch((path, kind), self.state)) for path, kind in keys]
 
@@ -223,9 +225,17 @@ class Generation:
             run.steps += 1
             carried = tuple([run.latest[i] for i in step.carried])
             consts = tuple([run.consts[i] for i in step.consts])
-            if self.clone:  # each step is a new CUDA-graph replay; the last one's values are kept
-                torch.compiler.cudagraph_mark_step_begin()
-            out, values = self.kinds[step.kind].function(consts, carried, args, kwargs)
+            kind = self.kinds[step.kind]
+            # With CUDA graphs the prompt step runs uncompiled, as transformers' own compiled
+            # generation does: the static KV cache allocates its tensors on the first forward,
+            # and inside a CUDA graph they would be the graph's memory, overwritten by the next
+            # replay. Each later step is a new replay; the last one's values are copied out.
+            if self.clone and run.steps == 1:
+                out, values = kind.eager(consts, carried, args, kwargs)
+            else:
+                if self.clone:
+                    torch.compiler.cudagraph_mark_step_begin()
+                out, values = kind.function(consts, carried, args, kwargs)
             if self.clone:
                 values = [v.clone() if isinstance(v, torch.Tensor) else v for v in values]
             run.keep(step.produced, values)
