@@ -62,8 +62,13 @@ def _runnable(name: str) -> Any:
     return fn
 
 
-class _Stop(Exception):
-    """Raised inside the forward once the value a materialization asked for exists."""
+class _Stop(BaseException):
+    """Raised inside the forward once the value a materialization asked for exists.
+
+    Not an ``Exception``: PyTorch's module call handles an ``Exception`` by looping, in
+    Python, over the module's forward hooks, which another thread running a trace on the same
+    model may be registering or removing right then ("OrderedDict mutated during iteration");
+    a ``BaseException`` passes straight through, as does ``Escaped`` (:mod:`.hooks`)."""
 
 
 class _Ended(_Stop):
@@ -176,6 +181,7 @@ class Executor:
         try:
             with grad_mode, weights, mode:
                 runs = fake.runs(self.batch, self.fake_mode) if self.fake_mode else [self.batch]
+                failed: Exception | None = None
                 try:
                     self._schedule(self.plan.roots)
                     self._drain()
@@ -191,11 +197,18 @@ class Executor:
                     pass  # the rest of the forward could change nothing the graph holds
                 except _Stop:
                     return {self.stop_at: self.values[self.stop_at]}
+                except hooks.Escaped as escaped:  # a node's failure, out of the forward
+                    failed, escaped.error = escaped.error, None
                 except Exception as exc:
                     # A shape-only pass cannot go past the model's own data-dependent op
                     # (``x[mask]``, ``if x.sum() > 0``): it returns what ran before it.
                     if self.fake_mode is None or not fake.is_data_dependent(exc):
                         raise
+                if failed is not None:  # raised outside the handler: no cycle through Escaped
+                    try:
+                        raise failed
+                    finally:
+                        failed = None  # nor through this frame, which its traceback holds
         finally:
             with hooks.LOCK:
                 for handle in handles:

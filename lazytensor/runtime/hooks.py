@@ -114,12 +114,25 @@ def _root(ex: Executor) -> Callable:
     return mark(hook)
 
 
+class Escaped(BaseException):
+    """A failure inside a hook, carried out of the model's forward to the executor, which
+    raises ``error`` again: as a ``BaseException`` it skips PyTorch's ``Exception`` handler,
+    which iterates hook dicts that other threads may be changing (see ``executor._Stop``)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__("a failure inside a hook, on its way to the executor")
+        self.error: Exception | None = error
+
+
 def _moment(ex: Executor, key: Key, value: Any) -> Any:
     """Hand ``ex`` the moment ``key`` with ``value``: what replaces the value, or None."""
     if running.get() is not ex or not ex.sides.listens(ex.side, key):
         return None
     ex.current, ex.replaced = value, False
-    ex._fire(key)
+    try:
+        ex._fire(key)
+    except Exception as exc:
+        raise Escaped(exc) from None
     new, ex.current = ex.current, None
     return new if ex.replaced else None
 
