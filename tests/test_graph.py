@@ -175,8 +175,16 @@ def test_structure_key_sees_every_field() -> None:
         {"arg": slice(1)},
         {"arg": True},  # x[True] adds a dimension; x[1] selects a row
         {"arg": 1.0},
+        {"arg": "1"},
+        {"arg": None},
+        {"arg": {"a": 1}},
+        {"arg": [(1, 2), slice(None, 2)]},
     ):
         assert graph(**change).structure_key() != key, change
+    nested = graph(arg=[(1, 2), slice(None, 2)]).structure_key()
+    assert graph(arg=[(1, 2), slice(None, 3)]).structure_key() != nested
+    assert graph(arg=[(1, 2.0), slice(None, 2)]).structure_key() != nested
+    assert graph(arg={"b": 1}).structure_key() != graph(arg={"a": 1}).structure_key()
     saved_twice = graph()
     saved_twice.save(0)
     assert saved_twice.structure_key() != key

@@ -324,7 +324,26 @@ class Graph:
         return tuple([n.key() for n in self.nodes]), consts, tuple(self.saved)
 
 
+#: What :func:`_freeze` gives the plain containers' and numbers' own types, without asking
+#: for the ``_fields`` and ``cls_name`` they lack (each such miss raises and catches inside
+#: ``getattr``: most of a node's key cost).
+_PLAIN_KINDS = {kind: (kind.__name__, None) for kind in (tuple, list, dict, slice)}
+_NUMBERS = frozenset((bool, int, float, complex))
+_ATOMS = frozenset((type(None), str, Ref, Const))  # hashable, and their own key
+
+
 def _freeze(value: Any) -> Any:
+    kind = type(value)
+    if kind in _ATOMS:
+        return value
+    if kind in _NUMBERS:
+        return (kind.__name__, repr(value))
+    plain = _PLAIN_KINDS.get(kind)
+    if plain is not None:
+        if kind is dict:
+            return (plain, tuple(value), *[_freeze(v) for v in value.values()])
+        items = (value.start, value.stop, value.step) if kind is slice else value
+        return (plain, (), *[_freeze(v) for v in items])
     if tree.is_container(value):
         keys = tuple(value) if isinstance(value, dict) else getattr(value, "_fields", ())
         kind = (type(value).__name__, getattr(value, "cls_name", None))  # a record's own name
