@@ -113,14 +113,15 @@ def code(
 ) -> Callable:
     """A function ``(state, current) -> replacement or None`` running nodes ``ids`` in order,
     as straight-line Python (what ``torch.compile`` traces into the model's graph).
-    ``written`` maps the ids of assignments whose value is an input of the compiled function
-    to that input's expression (it replaces the number the node carries).
+    ``written`` maps the ids of assignments whose number is an input of the compiled function
+    to ``"vector, k"``, the expressions of that input (:func:`_assign` writes it).
 
     No text of the graph becomes code: every value, name and target is bound in the
     function's namespace under a generated name, keyword names must be identifiers, and node
     ids are integers; what runs is what the executor would run (the same allow-listed ops)."""
     names: dict[str, Any] = {"NARROW": narrow, "REPLACE": replace, "LAYOUT": layout,
-                             "FIRST": _first, "SET_FIRST": _set_first}  # fmt: skip
+                             "FIRST": _first, "SET_FIRST": _set_first,
+                             "ASSIGN": _assign}  # fmt: skip
     lines = [f"def {name}(state, current):", "    v, c = state.values, state.consts"]
     lines.append("    replaced = False")
     for i in map(int, ids):
@@ -147,10 +148,10 @@ def code(
         elif op == "function" and node.target in _SYNTAX and not kwargs:
             lines.append(f"    v[{i}] = " + _SYNTAX[node.target].format(*args))
             if node.target == "operator.setitem":
-                value = args[2]
-                if written and i in written:  # in the tensor's dtype, as the number would be
-                    value = f"{written[i]}.to({args[0]}.dtype)"
-                lines[-1] = f"    {args[0]}[{args[1]}] = {value}; v[{i}] = None"
+                if written and i in written:  # the number is an input of the function
+                    lines[-1] = f"    ASSIGN({args[0]}, {args[1]}, {written[i]}); v[{i}] = None"
+                else:
+                    lines[-1] = f"    {args[0]}[{args[1]}] = {args[2]}; v[{i}] = None"
         elif op == "function":
             lines.append(f"    v[{i}] = {_name(names, ops.runnable_function(node.target))}({call})")
         elif op == "method":
@@ -191,6 +192,16 @@ def _expr(value: Any, names: dict[str, Any]) -> str:
     if tree.is_container(value):
         raise Unsupported(f"an argument of type {kind.__name__} cannot be compiled")
     return _name(names, value)
+
+
+def _assign(target: Any, index: Any, numbers: torch.Tensor, k: int) -> None:
+    """``target[index] = number`` for the ``k``-th of a program's assigned numbers (a float64
+    vector): into a tensor in its dtype, as the Python number would be; into anything else as
+    the Python number itself."""
+    if isinstance(target, torch.Tensor):
+        target[index] = numbers[k].to(target.dtype)
+    else:
+        target[index] = numbers[k].item()
 
 
 def _first(inputs: tuple) -> Any:

@@ -73,7 +73,7 @@ class Program:
         # Numbers assigned into tensors (``x[:, -1, ids] = 5.0``) are inputs, like the tensor
         # constants: one vector after them, so a sweep of values reuses the compiled code.
         self.floats = written_floats(graph)
-        written = {i: f"c[{len(graph.constants)}][{k}]" for k, i in enumerate(self.floats)}
+        written = {i: f"c[{len(graph.constants)}], {k}" for k, i in enumerate(self.floats)}
         prologue = codegen.code("prologue", log_[0][1], graph, layout, written=written)
         result, seen = None, set()
         for key, ids in log_[1:]:
