@@ -203,7 +203,11 @@ class Generation:
         self.hooks = [(path, kind, _dispatch((path, kind), self.state)) for path, kind in keys]
 
     def __call__(self, graph: Graph, batch: Batch) -> dict[int, Any]:
-        run = _Run(list(graph.constants), {i: [] for i in self.collected})
+        consts = list(graph.constants)
+        if self.clone:  # on the model's GPU: a CPU tensor would keep a step off CUDA graphs
+            device = next(self.model.parameters()).device
+            consts = [c.to(device) if isinstance(c, torch.Tensor) else c for c in consts]
+        run = _Run(consts, {i: [] for i in self.collected})
         streams = TOKENS_KEY in self.plan.points  # as the executor: a stopping criterion
         with self.LOCK, torch.no_grad():
             try:
