@@ -92,7 +92,9 @@ NO_KWARGS: dict = {}
 
 #: Makes a ``Ref`` or ``Node`` without its ``__init__``: a dataclass's ``__init__`` reached
 #: through ``type.__call__`` costs more than the stores it does. ``Graph.add`` then sets every
-#: field of a node itself (``tests/test_graph.py`` checks each against ``Node(...)``).
+#: field of a node itself (``tests/test_graph.py`` checks each against ``Node(...)``), as do
+#: ``Graph.add_call`` and the proxy's operators (``tracing.proxy._operator``, checked by
+#: ``tests/test_proxy.py``).
 _object_new = object.__new__
 _set_ref_id = Ref.id.__set__  # type: ignore[attr-defined]
 

@@ -67,11 +67,9 @@ _PLAIN_METHODS: set[str] = set()
 _PLAIN_ARGS = SCALARS
 #: Op -> the targets already checked against the allow-list (the check raises otherwise).
 _ALLOWED: dict[str, set[str]] = {}
-#: The functions Python's operators on a proxy mean (all allow-listed: ``tests/test_proxy.py``).
-_ALLOWED_OPERATORS = frozenset((*ops.DUNDERS.values(), *ops.REFLECTED.values()))
 _getframe = sys._getframe
 _RECORDING = State.RECORDING  # a global: cheaper to read than the enum's attribute
-# The hot paths (Trace.apply, Trace.operator) write ref() and Proxy.of() out inline, with the
+# The hot paths (Trace.apply, the proxy's operators) write ref() and Proxy.of() out inline, with the
 # graph's shared REFS and the proxy's _set_trace and _set_node.
 
 
@@ -376,50 +374,14 @@ class Trace:
         _set_node(made, node.id)
         return made
 
-    def operator(self, target: str, node: int, other: Any, reflected: bool) -> Any:
-        """Record Python operator ``target`` on proxy ``node`` of this trace and ``other``:
-        ``target(node, other)`` (``h * 2.0``), or ``target(other, node)`` when ``reflected``
-        (``1 - h``).
-
-        What :meth:`apply` does, on the path that research loops take thousands of times:
-        ``other`` a proxy of this trace or a plain scalar, no keywords, and the user's line two
-        frames up. Anything else takes :meth:`apply`. Every call here costs, so ``ref()``,
-        ``Proxy.of()`` and the lookup of a known site are written out inline."""
-        if self.state is not _RECORDING or target not in _ALLOWED_OPERATORS:
-            return self._operator_slowly(target, node, other, reflected)
-        try:
-            mine = _REFS[node]
-        except IndexError:
-            mine = ref(node)
-        kind = type(other)
-        if kind in _PLAIN_ARGS:
-            theirs, read = other, None
-        elif kind is Proxy and other._trace is self:
-            read = other._node
-            try:
-                theirs = _REFS[read]
-            except IndexError:
-                theirs = ref(read)
-        else:
-            return self._operator_slowly(target, node, other, reflected)
-        frame = _getframe(2)
-        site = _KNOWN_SITES.get(frame.f_lasti)
-        if site is None or site[0] is not frame.f_code:  # see site.KNOWN
-            site = _site_at(frame)
-        if reflected:
-            i = self.graph.add_call(target, (theirs, mine), read, node, site)
-        else:
-            i = self.graph.add_call(target, (mine, theirs), node, read, site)
-        made = Proxy()
-        _set_trace(made, self)
-        _set_node(made, i)
-        return made
-
-    def _operator_slowly(self, target: str, node: int, other: Any, reflected: bool) -> Any:
-        """:meth:`operator` for what its fast path does not take, through :meth:`apply`."""
+    def _operator_slowly(
+        self, target: str, node: int, other: Any, reflected: bool, depth: int = 4
+    ) -> Any:
+        """A Python operator on proxy ``node`` that the proxy's own fast path (``proxy._operator``)
+        does not take, through :meth:`apply` (``depth``: the user's frame, from :meth:`apply`)."""
         mine = Proxy.of(self, node)
         args = (other, mine) if reflected else (mine, other)
-        return self.apply("function", target, args, depth=4)
+        return self.apply("function", target, args, depth=depth)
 
     def _apply_outside(self, op: str, target: str, args: tuple, kwargs: dict | None) -> Any:
         """``apply`` once the block has ended: in an open session, record where the session
