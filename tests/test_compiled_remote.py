@@ -22,7 +22,7 @@ import torch
 from lazytensor.backends import client as client_module
 from lazytensor.backends.transport import InProcessTransport
 from lazytensor.core.errors import ProtocolError, RemoteTimeout
-from lazytensor.core.graph import Batch, Graph, Node
+from lazytensor.core.graph import Batch, Graph, Node, Ref
 from lazytensor.frontend.served import Client
 from lazytensor.protocol import codec
 from lazytensor.protocol import messages as m
@@ -323,3 +323,24 @@ def test_compile_after_n_runs_compiles_what_no_one_asked_to(monkeypatch) -> None
     assert compiler.run(module, wished) == {0: "aot_eager"}  # asked: at once
     assert wished.note == compiling._FIRST
     assert asked == ["eager", "eager", "aot_eager"]
+
+
+def test_compile_after_counts_runs_that_assign_other_numbers_as_one_structure(monkeypatch) -> None:
+    """``x[..] = v`` for a sweep of ``v`` is one compiled program (the number is its input),
+    so ``--compile-after`` counts the sweep's runs together."""
+    monkeypatch.setattr(compiling.compiled.PROGRAMS, "run", lambda *args: {0: "compiled"})
+    compiler = compiling.Compiler(Limits(compile=("eager",), compile_after=3))
+    compiler.killable = True
+    module = torch.nn.Linear(2, 2)
+
+    def job(value: float) -> Job:
+        read = Node(0, "output", "model.layers.0", (), {}, 0, None)
+        nodes = [read, Node(1, "function", "operator.setitem", (Ref(0), 0, value), {}, 0, None)]
+        graph = Graph(nodes, [], [0], [None, None])
+        return Job("r1", None, MODEL, graph, Batch(size=1), None, False, 0, shapes_known=True)
+
+    got = [compiler.run(module, job(v)) for v in (1.0, 2.0, -3.5, 4.25)]
+    assert got == [None, None, {0: "compiled"}, {0: "compiled"}]
+    other = Node(1, "function", "operator.setitem", (Ref(0), 1, 1.0), {}, 0, None)  # index 1
+    changed = replace(job(1.0), graph=Graph([job(1.0).graph.nodes[0], other], [], [0], [None] * 2))
+    assert compiler.run(module, changed) is None  # another structure: its own count

@@ -143,6 +143,13 @@ def written_floats(graph: Graph) -> list[int]:
     ]
 
 
+def structure(graph: Graph, batch: Batch) -> tuple:
+    """What of ``graph`` a compiled program is specialized to: its structure key, blind to the
+    numbers it assigns into tensors (the program's inputs), except in a generation, whose
+    steps are matched on their numbers (:mod:`.generation`)."""
+    return _structure(graph, [] if batch.generate else written_floats(graph))
+
+
 def _structure(graph: Graph, floats: list[int]) -> tuple:
     """:meth:`Graph.structure_key`, blind to the values of the assignments ``floats``."""
     key = graph.structure_key()
@@ -192,10 +199,7 @@ class Programs:
         """The saved values from the compiled program, or ``None``: run it eagerly (after a
         first run of the structure, recording its schedule, or when it cannot compile)."""
         try:
-            # A generation's steps are matched on their numbers (:mod:`.generation`): for it,
-            # assigned numbers stay part of the structure.
-            floats = [] if batch.generate else written_floats(graph)
-            key = (id(model), _structure(graph, floats), _signature(batch), _backend(compile))
+            key = (id(model), structure(graph, batch), _signature(batch), _backend(compile))
         except Exception:  # an argument that has no structure key
             return None
         with self.lock:

@@ -90,7 +90,7 @@ class Compiler:
         if why is not None:
             return _eager(job, why)
         try:
-            key = (job.graph.structure_key(), admission.shapes(job.batch), backend)
+            key = (compiled.structure(job.graph, job.batch), admission.shapes(job.batch), backend)
         except Exception:  # an argument without a structure key
             return _eager(job, _CANNOT)
         runs = self._count(key)
