@@ -7,6 +7,7 @@ failure. Tracing state is per thread, so two threads can trace the same model at
 
 from __future__ import annotations
 
+import functools
 import gc
 import subprocess
 import sys
@@ -278,6 +279,19 @@ def test_values_are_freed_as_the_forward_proceeds(tiny_mlp: TinyMLP) -> None:
 
 
 # -- threads ------------------------------------------------------------------------------------
+def run_together(functions: list) -> None:
+    """Run ``functions`` each in a thread of its own until all return, switching threads
+    often (every microsecond), so that what they do overlaps."""
+    threads = [threading.Thread(target=fn) for fn in functions]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def test_two_threads_trace_the_same_model_at_once(zoo: Zoo) -> None:
@@ -318,16 +332,7 @@ def test_two_threads_trace_the_same_model_at_once(zoo: Zoo) -> None:
             errors.append(exc)
             barrier.abort()
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often, so that the two forward passes overlap
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_together([functools.partial(work, k) for k in range(2)])
     assert not errors, errors
     for k in range(2):
         assert len(results[k]) == rounds
@@ -376,16 +381,9 @@ def test_a_trace_ends_or_fails_safely_while_another_thread_changes_the_hooks(
         finally:
             stop.set()
 
-    threads = [threading.Thread(target=churn), threading.Thread(target=work)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_together([churn, work])
     finally:
-        sys.setswitchinterval(interval)
         for handle in many:
             handle.remove()
     assert not errors, errors
