@@ -218,6 +218,15 @@ class Programs:
             _explain(f"torch.compile failed ({type(why).__name__}); runs of it are eager")
             with self.lock:
                 self.programs[key] = None
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise  # the run is too big, not the program wrong: the caller decides
+        except Exception as why:  # compiled code failed where its eager first run did not
+            _explain(
+                f"the compiled program failed ({type(why).__name__}: {why}); this run and "
+                "later runs of its structure are eager"
+            )
+            with self.lock:
+                self.programs[key] = None
         return None
 
     def _first(self, model, graph, batch, key, compile) -> dict[int, Any]:
