@@ -328,25 +328,30 @@ def test_a_program_holds_no_values_between_runs(tiny_mlp) -> None:
     torch.testing.assert_close(doubled, tiny_mlp.layer2(tiny_mlp.act(tiny_mlp.layer1(x))) * 2.0)
 
 
-def test_a_program_that_fails_when_it_runs_leaves_its_structure_eager(llama, caplog) -> None:
+@pytest.mark.parametrize("kind", ["trace", "generation"])
+def test_a_program_that_fails_when_it_runs_leaves_its_structure_eager(llama, caplog, kind) -> None:
     """A backend whose compiled code raises at run time (as CUDA graphs did on a GPU, reading
     memory that a later replay had overwritten): that run is replayed eagerly, and so are the
-    structure's later runs, each equal to the eager replay; the reason is logged once."""
+    structure's later runs, each equal to the eager replay; the reason is logged once (a reason
+    is logged once per process: each kind has its own)."""
     compiled_calls = []
 
     def breaks_when_run(gm: torch.fx.GraphModule, example_inputs: list) -> object:
         def run(*args):
             compiled_calls.append(len(args))
-            raise RuntimeError("accessing memory that a later replay overwrote")
+            raise RuntimeError(f"{kind}: accessing memory that a later replay overwrote")
 
         return run
 
     caplog.set_level(logging.INFO, logger="lazytensor")
     values = torch.full((2,), 3.0)
-    want = forcing(llama, values, False)
+    experiment = (lambda c: forcing(llama, values, c)) if kind == "trace" else (
+        lambda c: halving(llama, 1, c))  # fmt: skip
+    want = experiment(False)
     for _ in range(4):
-        for g, w in zip(forcing(llama, values, breaks_when_run), want, strict=True):
+        for g, w in zip(experiment(breaks_when_run), want, strict=True):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert len(compiled_calls) == 1  # the second run tried the program; eager from then on
     assert caplog.text.count("the compiled program failed (RuntimeError") == 1
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in llama._module.modules())
+    assert "forward" not in vars(llama._module)  # a generation's step function is gone too
