@@ -18,7 +18,8 @@ import pytest
 import torch
 import zmq
 
-from lazytensor.core.errors import LimitExceeded, UnknownRequest
+from lazytensor.core.errors import LimitExceeded, RemoteTimeout, UnknownRequest
+from lazytensor.core.graph import Ref
 from lazytensor.frontend.served import Client
 from servers import MODEL, Capture, ServerProcess
 from wire import wire
@@ -389,4 +390,29 @@ def test_many_users_at_once_each_get_their_own_results(server, local_llama, stil
     for thread in threads:
         thread.join(120)
     assert not failures, failures
+    still_serves()
+
+
+def test_a_stop_in_a_sessions_own_code_is_answered_and_harmless(raw, local_llama, still_serves):
+    """A session whose code between traces holds a ``stop`` node (no client records one
+    there): the executor's internal stop ends that code, and must never escape to the
+    server's worker as the BaseException it is; the reply names what never ran."""
+    capture = Capture()
+    sender = Client("capture", KEYS["bob"], transport=capture, timeout=0.2)
+    with pytest.raises(RemoteTimeout):  # nothing answers the capture: the request is kept
+        with local_llama.session(remote=sender):
+            with local_llama.trace(PROMPT):
+                h = local_llama.model.layers[0].output.save()
+            (h * 2).save()
+    body = wire.decode(capture.sent[-1]).body
+    code = body["segments"][1]["graph"]  # the session's own code: a carry, then h * 2
+    code["nodes"].insert(1, [1, "stop", "", (Ref(0),), {}, 0, None])
+    code["nodes"][2][0] = 2
+    code["nodes"][2][3] = (Ref(0), 2)
+    code["saved"] = [2]
+    peer = raw()
+    peer.send(frames_of(body))
+    reply = peer.reply(body["id"])
+    assert reply.kind == "error", reply.body
+    assert "never ran" in reply.body["message"], reply.body
     still_serves()

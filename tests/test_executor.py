@@ -492,3 +492,21 @@ def test_submodule_finds_what_get_submodule_finds() -> None:
     assert submodule(model, "1.head") is model.get_submodule("1.head") is model[1].inner[0]
     with pytest.raises(AttributeError, match="nope"):
         submodule(model, "1.inner.nope")
+
+
+def test_a_stop_in_code_without_a_forward_ends_it_there(tiny_mlp: TinyMLP) -> None:
+    """A ``stop`` node in a session's own code (no forward: ``run_plain``), as a hand-built or
+    hostile graph may hold: what it reads has run, a value after it is a node failure, and the
+    executor's internal stop (a BaseException, which a server's handlers would not catch)
+    never leaves it."""
+    graph = Graph()
+    graph.add("function", "torch.zeros", (2,))
+    graph.add("stop", "", (Ref(0),))
+    graph.add("function", "torch.ones", (2,))
+    graph.save(0)
+    values = Executor(tiny_mlp, graph, Batch()).run_plain()
+    torch.testing.assert_close(values[0], torch.zeros(2))
+    graph.save(2)
+    with pytest.raises(NodeFailure, match="never ran") as failure:
+        Executor(tiny_mlp, graph, Batch()).run_plain()
+    assert failure.value.node == 2

@@ -225,11 +225,14 @@ class Executor:
         if moment is not None:
             raise NodeFailure(moment, GraphError("module values exist only inside a trace"))
         with torch.enable_grad() if self.plan.backwards else torch.no_grad():
-            for i in range(len(self.graph.nodes)):  # recording order is a valid order
-                if not self.done[i] and i not in self.key_of:
-                    if self.deadline is not None:
-                        self._check_time()
-                    self._run_node(i)
+            try:
+                for i in range(len(self.graph.nodes)):  # recording order is a valid order
+                    if not self.done[i] and i not in self.key_of:
+                        if self.deadline is not None:
+                            self._check_time()
+                        self._run_node(i)
+            except _Stop:  # a stop node: what it reads has run, and nothing after it runs
+                pass  # (a BaseException: it must never leave the executor)
         saved = outcome.saved(self)
         return grads.detached(saved) if self.plan.backwards else saved
 
