@@ -43,6 +43,7 @@ from ..core import tree
 from ..core.graph import Batch, Graph, _freeze
 from . import codegen
 from .codegen import Unsupported
+from .device import device_of, moved
 from .generation import Generation, Past
 from .hooks import submodule
 from .moments import RESULT_KEY
@@ -89,8 +90,9 @@ class Program:
                 raise Unsupported(f"moment {key} cannot be compiled")
         # CUDA graphs replay into the same output memory each time: the values a run returns
         # are copied out before the next run can overwrite them.
-        self.graphs = codegen.on_cuda(model) and backend == "inductor"
-        self.device = next(model.parameters()).device if codegen.on_cuda(model) else None
+        cuda = codegen.on_cuda(model)
+        self.graphs = cuda and backend == "inductor"
+        self.device = device_of(model) if cuda else None
         options = {"mode": "reduce-overhead"} if self.graphs else {}
         run = _entry(model, self.state, prologue, result, self.saved)
         self.function = torch.compile(run, backend=backend, dynamic=False, **options)
@@ -123,12 +125,7 @@ class Program:
         if self.floats:
             numbers = [graph.nodes[i].args[2] for i in self.floats]
             consts.append(torch.tensor(numbers, dtype=torch.float64))
-        if self.device is not None:
-            consts = [
-                c.to(self.device, non_blocking=True) if isinstance(c, torch.Tensor) else c
-                for c in consts
-            ]
-        return consts
+        return consts if self.device is None else moved(consts, self.device)
 
 
 def written_floats(graph: Graph) -> list[int]:

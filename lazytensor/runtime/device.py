@@ -40,3 +40,9 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
     args, kwargs = tree.map(move, batch.args), tree.map(move, batch.kwargs)
     return Batch(args, kwargs, batch.size, batch.generate)
+
+
+def moved(values: list, device: torch.device) -> list:
+    """``values`` with every tensor on ``device`` (a compiled program's constants), the rest
+    as they are."""
+    return [v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for v in values]

@@ -13,6 +13,7 @@ import torch
 
 from ..core.graph import Batch, Const, Graph, Ref
 from . import calls, codegen
+from .device import device_of, moved
 from .hooks import submodule
 from .moments import RESULT_KEY, TOKENS_KEY, describe
 from .outcome import IF_CALLED
@@ -205,8 +206,7 @@ class Generation:
     def __call__(self, graph: Graph, batch: Batch) -> dict[int, Any]:
         consts = list(graph.constants)
         if self.clone:  # on the model's GPU: a CPU tensor would keep a step off CUDA graphs
-            device = next(self.model.parameters()).device
-            consts = [c.to(device) if isinstance(c, torch.Tensor) else c for c in consts]
+            consts = moved(consts, device_of(self.model))
         run = _Run(consts, {i: [] for i in self.collected})
         streams = TOKENS_KEY in self.plan.points  # as the executor: a stopping criterion
         with self.LOCK, torch.no_grad():
