@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import platform
+import random
 import statistics
 import subprocess
 import tempfile
@@ -294,10 +295,16 @@ def measure(
     warmup: int,
     sync: Callable[[], None],
     clock: Callable[[], int] = time.perf_counter_ns,
+    shuffle: random.Random | None = None,
 ) -> tuple[dict[str, list[int]], dict[str, Any]]:
     """Time each case: ``warmup`` untimed rounds, then ``repeats`` timed rounds.
 
-    Each round runs every case once, in order, so the cases share the machine's drift.
+    Each round runs every case once, so the cases share the machine's drift: in order, or in
+    an order drawn from ``shuffle`` each round, so that no case always follows the same one
+    (what the one before leaves in the caches, or a slow phase starting mid-round, hits every
+    case alike). Shuffled, the cases of one experiment (``hooks:x``, ``<library>:x``, with any
+    ``<library>/`` prefix; all ``ops_<n>`` count as one) run next to each other, so that
+    :func:`paired_us` compares runs a few milliseconds apart.
 
     Returns:
         Nanoseconds per run of each case, and each case's result from the first round (for
@@ -308,8 +315,18 @@ def measure(
             fn()
     samples: dict[str, list[int]] = {name: [] for name in cases}
     first: dict[str, Any] = {}
+    groups: dict[str, list[tuple[str, Callable[[], Any]]]] = {}
+    for name, fn in cases.items():
+        groups.setdefault(_experiment(name), []).append((name, fn))
+    order = list(cases.items())
     for _ in range(repeats):
-        for name, fn in cases.items():
+        if shuffle is not None:
+            batches = list(groups.values())
+            shuffle.shuffle(batches)
+            for batch in batches:
+                shuffle.shuffle(batch)
+            order = [case for batch in batches for case in batch]
+        for name, fn in order:
             sync()
             start = clock()
             result = fn()
@@ -319,14 +336,39 @@ def measure(
     return samples, first
 
 
+def _experiment(name: str) -> str:
+    """The experiment a case of :func:`measure` belongs to: ``lazytensor/hooks:ops_100`` ->
+    ``ops``, ``nnsight:patching`` -> ``patching``, ``forward`` -> ``forward``."""
+    exp = name.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+    return "ops" if exp.startswith("ops_") else exp
+
+
 def median_ms(samples: list[int]) -> float:
     return statistics.median(samples) / 1e6
+
+
+def paired_us(mine: list[int], theirs: list[int]) -> float:
+    """The median over rounds of ``mine - theirs`` in µs, each difference taken within one round
+    of :func:`measure`. On a machine whose speed drifts (this VM's runs slow down about 2x for
+    minutes at a time) it is far steadier than a difference of two medians, which can put one
+    median in a fast phase and the other in a slow one."""
+    return statistics.median(a - b for a, b in zip(mine, theirs, strict=True)) / 1e3
 
 
 def per_op_us(samples: dict[str, list[int]], who: str) -> float:
     """Microseconds per small op: (trace with ``PER_OP_OPS`` ops − trace with none) / ops."""
     ms = median_ms(samples[f"{who}:ops_1000"]) - median_ms(samples[f"{who}:ops_0"])
     return ms * 1e3 / PER_OP_OPS
+
+
+def added_per_op_us(samples: dict[str, list[int]], library: str) -> float:
+    """µs the library adds per small op over the same op eager in a hook, paired by round:
+    the median of ((library with ops − without) − (hooks with ops − without)) / ops."""
+    lib, hooks = (
+        [a - b for a, b in zip(samples[f"{who}:ops_1000"], samples[f"{who}:ops_0"], strict=True)]
+        for who in (library, "hooks")
+    )
+    return paired_us(lib, hooks) / PER_OP_OPS
 
 
 def check(results: dict[str, Any], library: str, exact: bool = True) -> None:
@@ -380,9 +422,13 @@ class Row:
     forward_ms: float
     hooks_ms: float
     library_ms: float
+    #: :func:`paired_us` of the library's runs and the hooks' (``None``: not measured so).
+    paired_added_us: float | None = None
 
     @property
     def added_us(self) -> float:
+        if self.paired_added_us is not None:
+            return self.paired_added_us
         return (self.library_ms - self.hooks_ms) * 1e3
 
     @property
@@ -395,7 +441,8 @@ class Row:
 
 
 def rows_from(samples: dict[str, list[int]], library: str, forward_of: dict[str, str]) -> list[Row]:
-    """Rows for every experiment measured as ``hooks:<exp>`` and ``<library>:<exp>``."""
+    """Rows for every experiment measured as ``hooks:<exp>`` and ``<library>:<exp>``; the
+    added µs are paired by round (:func:`paired_us`), the other columns are medians."""
     rows = []
     for exp, label in EXPERIMENTS.items():
         if f"{library}:{exp}" not in samples:
@@ -406,6 +453,7 @@ def rows_from(samples: dict[str, list[int]], library: str, forward_of: dict[str,
                 median_ms(samples[forward_of.get(exp, "forward")]),
                 median_ms(samples[f"hooks:{exp}"]),
                 median_ms(samples[f"{library}:{exp}"]),
+                paired_us(samples[f"{library}:{exp}"], samples[f"hooks:{exp}"]),
             )
         )
     return rows
