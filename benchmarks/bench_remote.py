@@ -11,7 +11,8 @@ Runs a real ZeroMQ server on ``127.0.0.1`` serving the tiny llama of
 
 It measures, each as the median of repeated runs in this process:
 
-* ``latency``: a trace with one save, remote minus the same trace run locally (target <= 2 ms);
+* ``latency``: a trace with one save, remote minus the same trace run locally, the median of
+  the differences within each round (target <= 2 ms);
   also the round trip of a bare ``models`` request, the floor of any request;
 * ``transfer``: saving one large tensor built in the trace (``torch.zeros(n) + logit``): GB/s
   of payload end to end, net of the same trace run locally (the server's compute), and for the
@@ -50,6 +51,7 @@ import json
 import os
 import platform
 import pstats
+import random
 import signal
 import statistics
 import subprocess
@@ -238,7 +240,10 @@ def bench_latency(
     finally:
         client.close()
     local, remote, ping = (statistics.median(samples[k]) for k in ("local", "remote", "ping"))
-    added = (remote - local) * 1e3
+    # Paired by round: this VM's speed drifts about 2x over minutes, which a difference of two
+    # medians can catch in different phases (common.paired_us in the trace benchmarks).
+    pairs = zip(samples["remote"], samples["local"], strict=True)
+    added = statistics.median(r - lo for r, lo in pairs) * 1e3
     return [
         {
             "server": placement,
@@ -392,14 +397,16 @@ class Kept:
 def interleaved(
     runs: dict[str, Callable[[], Any]], repeats: int, warmup: int, keep: bool = False
 ) -> dict[str, Any]:
-    """Median seconds of each of ``runs``, called in turn once per round (every sample with
-    ``keep``)."""
+    """Median seconds of each of ``runs``, each called once per round in an order drawn afresh
+    each round (every sample, by round, with ``keep``)."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
+    order, shuffle = list(runs.items()), random.Random(0)
     for _ in range(repeats):
-        for name, fn in runs.items():
+        shuffle.shuffle(order)
+        for name, fn in order:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -197,6 +197,13 @@ def test_repeating_spreads_to_what_is_computed_from_every_call_reads() -> None:
     assert plan.repeating == {every.id, derived.id, mixed.id, write.id}
     assert fixed.id not in plan.repeating and write_once.id not in plan.repeating
 
+    # What runs again when a repeating node does: itself and the repeating nodes computed from
+    # it, ascending, the same tuple on every ask (a run asks at every generation step).
+    assert plan.stale(every.id) == (every.id, derived.id, mixed.id, write.id)
+    assert plan.stale(mixed.id) == (mixed.id, write.id)
+    assert plan.stale(write.id) == (write.id,)
+    assert plan.stale(every.id) is plan.stale(every.id)
+
 
 def test_a_plan_is_immutable() -> None:
     plan = Plan.build(probe_graph(torch.ones(1)))

@@ -465,10 +465,7 @@ class Executor:
         forward pass (an earlier generation step), so they run once per step, on that step's
         values only.
         """
-        stale = {start}
-        for node in self.graph.nodes[start + 1 :]:
-            if node.id in self.repeating and any(d in stale for d in self.deps[node.id]):
-                stale.add(node.id)
+        stale = self.plan.stale(start)
         self.left += sum(1 for i in stale if self.done[i])
         for i in stale:
             self.done[i], self.values[i] = False, self.values[i] if i in self.keep else None

@@ -56,6 +56,7 @@ class Plan:
             inputs still missing and of readers still to come start from.
         chains: runs of plain function nodes replayed as one unit, by first node
             (:mod:`.chains`).
+        stale_of: :meth:`stale` of each repeating node asked for so far.
     """
 
     deps: tuple[tuple[int, ...], ...]
@@ -72,6 +73,7 @@ class Plan:
     roots: tuple[int, ...]
     counts: tuple[tuple[int, ...], tuple[int, ...]]
     chains: dict[int, chains_.Chain]
+    stale_of: dict[int, tuple[int, ...]]
 
     #: ``hash(key) -> (key, plan)``, least recently used first (a hash collision replans).
     _cache: ClassVar[OrderedDict[int, tuple[tuple, Plan]]] = OrderedDict()
@@ -161,4 +163,21 @@ class Plan:
             tuple(i for i in range(n) if not deps[i] and i not in key_of),
             (tuple(map(len, deps)), tuple(map(len, users))),
             chains_.find([node.shape() for node in graph.nodes], users, mutating, repeating),
+            {},
         )
+
+    def stale(self, start: int) -> tuple[int, ...]:
+        """Repeating node ``start`` and the repeating nodes computed from it: what runs again
+        when ``start`` does (at each generation step), found once per plan: a run asks at
+        every step for every repeating point node, and a walk over the graph each time made
+        a step cost grow with the graph's size."""
+        found = self.stale_of.get(start)
+        if found is None:
+            reached, todo, repeating, users = {start}, [start], self.repeating, self.users
+            while todo:
+                for u in users[todo.pop()]:
+                    if u in repeating and u not in reached:
+                        reached.add(u)
+                        todo.append(u)
+            found = self.stale_of[start] = tuple(sorted(reached))
+        return found
