@@ -465,18 +465,25 @@ class Executor:
         forward pass (an earlier generation step), so they run once per step, on that step's
         values only.
         """
-        stale = self.plan.stale(start)
-        self.left += sum(1 for i in stale if self.done[i])
+        stale = self.plan.stale(start)  # ascending
+        done, values, keep = self.done, self.values, self.keep
         for i in stale:
-            self.done[i], self.values[i] = False, self.values[i] if i in self.keep else None
-        now = self.forwards
+            if done[i]:
+                self.left += 1
+                done[i] = False
+            if i not in keep:
+                values[i] = None
+        # Plain loops, not sum() over generators: this runs at every step of a generation
+        # for every repeating read.
+        now, epoch, repeating = self.forwards, self.epoch, self.repeating
+        deps, users, waiting, pending = self.deps, self.users, self.waiting, self.pending_users
         for i in stale:
-            self.waiting[i] = sum(
-                1
-                for d in self.deps[i]
-                if not self.done[d] or (d in self.repeating and self.epoch.get(d, now) < now)
-            )
-            self.pending_users[i] = len(self.users[i])
+            count = 0
+            for d in deps[i]:
+                if not done[d] or (d in repeating and epoch.get(d, now) < now):
+                    count += 1
+            waiting[i] = count
+            pending[i] = len(users[i])
 
     # -- argument resolution ---------------------------------------------------------------
     def _value(self, arg: Any) -> Any:
