@@ -242,7 +242,9 @@ def test_attributes_and_the_public_surface_go_to_the_trace(log: Log, p: Proxy) -
     assert (p.shape, p.dtype, p.device, p.ndim, p.logits) == ("attribute",) * 5
     assert p.save() is p
     assert p.value is log.value
-    p.weight = 1
+    p.grad = 1
+    with pytest.raises(AttributeError, match="weight"):  # not one of proxy.SETTABLE
+        p.weight = 1
     p(2, k=3)
     assert log.calls == [
         ("attribute", 0, "shape"),
@@ -252,7 +254,7 @@ def test_attributes_and_the_public_surface_go_to_the_trace(log: Log, p: Proxy) -
         ("attribute", 0, "logits"),
         ("save", 0),
         ("value_of", 0),
-        ("set_attribute", 0, "weight", 1),
+        ("set_attribute", 0, "grad", 1),
         ("call", 0, (2,), {"k": 3}),
     ]
 
@@ -426,10 +428,10 @@ def test_ops_recorded_inside_lazytensor_name_the_users_line(tiny_mlp: TinyMLP) -
 
 
 def test_allowed_tensor_methods_are_found_on_the_class(log: Log, p: Proxy) -> None:
-    assert isinstance(vars(Proxy)["sum"], property) and "logits" not in vars(Proxy)
+    assert isinstance(vars(Proxy)["sum"], property) and "scores" not in vars(Proxy)
     assert "save" in vars(Proxy) and not isinstance(vars(Proxy)["save"], property)
-    assert (p.sum, p.transpose, p.logits) == ("attribute",) * 3
-    assert log.calls == [("attribute", 0, n) for n in ("sum", "transpose", "logits")]
+    assert (p.sum, p.transpose, p.scores, p.logits) == ("attribute",) * 4
+    assert log.calls == [("attribute", 0, n) for n in ("sum", "transpose", "scores", "logits")]
 
 
 def test_a_method_recorded_in_a_block_is_the_values_method_after_it(tiny_mlp: TinyMLP) -> None:

@@ -47,7 +47,7 @@ from . import scan as scans
 from . import session as sessions
 from . import stop as stopping
 from .args import computed_inputs, to_graph, to_values
-from .proxy import Method, Proxy, _set_node, _set_trace
+from .proxy import Method, Proxy
 from .publish import publish
 from .recorder import Recorder, record_python, record_torch
 from .shapes import Shapes
@@ -70,7 +70,7 @@ _ALLOWED: dict[str, set[str]] = {}
 _getframe = sys._getframe
 _RECORDING = State.RECORDING  # a global: cheaper to read than the enum's attribute
 # The hot paths (Trace.apply, the proxy's operators) write ref() and Proxy.of() out inline, with the
-# graph's shared REFS and the proxy's _set_trace and _set_node.
+# graph's shared REFS.
 
 
 def _check_op(op: str, target: str) -> None:
@@ -370,8 +370,8 @@ class Trace:
         # the reads were collected while converting: no second walk
         node._deps = (refs[0],) if len(refs) == 1 else tuple(sorted(set(refs)))
         made = Proxy()  # Proxy.of(self, node.id), inline as in operator
-        _set_trace(made, self)
-        _set_node(made, node.id)
+        made._trace = self
+        made._node = node.id
         return made
 
     def _operator_slowly(
