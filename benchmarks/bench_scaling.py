@@ -7,6 +7,9 @@ Three measurements on the tiny Llama of ``common.TINY``, in one process:
   added µs per op (trace − hook, over ``n``), median of interleaved rounds, and the target of
   the speed issue (≤ 1.5 µs per recorded op end to end): "met" / "missed" (``--clock cpu``
   times this process's CPU time, for a machine shared with other jobs);
+* **recording by kind of op**: µs to record one op of each kind a research loop writes (a Python
+  operator, an index read and write, a tensor method, a torch function), 1,000 of them in a
+  trace (its run not included), beside the same op run eagerly on the real tensor;
 * **memory per node**: Python heap bytes (``tracemalloc``) held by a recorded graph of 10,000
   nodes, per node;
 * **leaks and peak**: resident memory (``VmRSS``) before and after 10,000 local traces and 2,000
@@ -71,6 +74,40 @@ def per_op(lm, model, rows, x, repeats: int, clock: Any = time.perf_counter_ns) 
         verdict = "met" if added <= TARGET_US else "missed"
         cells.append([f"{n:,}", f"{trace:.2f}", f"{hooks:.2f}", f"{added:.2f}",
                       f"{verdict} (≤ {TARGET_US} µs)"])  # fmt: skip
+    return cells
+
+
+#: Recording by kind of op: name -> one op on ``h`` (a proxy in a trace, the real tensor eagerly).
+KINDS: dict[str, Any] = {
+    "operator `h * 1.0001`": lambda h: h * 1.0001,
+    "index read `h[:, -1]`": lambda h: h[:, -1],
+    "index write `h[:, 0] = 0.0`": lambda h: h.__setitem__((slice(None), 0), 0.0),
+    "method `h.sum(-1)`": lambda h: h.sum(-1),
+    "torch function `torch.relu(h)`": lambda h: torch.relu(h),
+}
+
+
+def by_kind(lm, rows, model, repeats: int, n: int = 1_000) -> list[list[str]]:
+    """Per kind of op: µs to record one (median over ``repeats`` traces of ``n`` ops each), and
+    the same op eagerly on the layer output's real value."""
+    real = torch.zeros(len(rows), len(rows[0]), model.config.hidden_size)  # h's shape
+    cells = []
+    for name, op in KINDS.items():
+        recorded, eager = [], []
+        for _ in range(repeats):
+            with lm.trace(rows):
+                h = lm.model.layers[common.OPS_LAYER].output * 1.0
+                start = time.perf_counter_ns()
+                for _ in range(n):
+                    op(h)
+                recorded.append(time.perf_counter_ns() - start)
+                h.save()
+            start = time.perf_counter_ns()
+            for _ in range(n):
+                op(real)
+            eager.append(time.perf_counter_ns() - start)
+        rec, run = statistics.median(recorded) / n / 1e3, statistics.median(eager) / n / 1e3
+        cells.append([name, f"{rec:.2f}", f"{run:.2f}", f"{rec / run:.2f}"])
     return cells
 
 
@@ -155,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     header = ["ops", f"{LIB} ms for the ops", "hooks ms for the ops", "added µs per op", "target"]
     cells = per_op(lm, model, rows, x, args.repeats or 30, common.CLOCKS[args.clock])
     common.print_table(f"{shape.label}: a chain of n small ops", header, cells, args.markdown)
+    header = ["op (1,000 in a trace)", "record µs per op", "eager µs per op", "record / eager"]
+    cells = by_kind(lm, rows, model, max(5, (args.repeats or 30) // 3))
+    common.print_table("recording by kind of op", header, cells, args.markdown)
     per_node = bytes_per_node(lm, rows)
     peak = peak_added(lm, model, rows, x)
     local = leak(lambda: saves(lm, rows), args.traces)

@@ -92,14 +92,18 @@ def test_session_code_between_traces(llama: lt.LanguageModel) -> None:
             a = llama.model.layers[0].output
         with llama.trace(CORRUPT):
             b = llama.model.layers[0].output
+            carried = a.mean(-1).save()  # an earlier trace's proxy: its method is carried over
         diff = (a[:, -1] - b[:, -1]).norm().save()
         scaled = (a * 2).save()
+        summed = a.sum(-1).save()  # session code: a method of an ended trace's proxy
     with llama.trace(CLEAN):
         want_a = llama.model.layers[0].output.save()
     with llama.trace(CORRUPT):
         want_b = llama.model.layers[0].output.save()
     torch.testing.assert_close(diff, (want_a[:, -1] - want_b[:, -1]).norm())
     torch.testing.assert_close(scaled, want_a * 2)
+    torch.testing.assert_close(summed, want_a.sum(-1))
+    torch.testing.assert_close(carried, want_a.mean(-1))
 
 
 def test_values_exist_only_after_the_session(llama: lt.LanguageModel) -> None:

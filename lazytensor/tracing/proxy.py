@@ -87,10 +87,27 @@ class Proxy:
         return self._trace.attribute(self, name)
 
     def __getitem__(self, key: Any) -> Proxy:
-        return self._trace.apply("function", "operator.getitem", (self, key), depth=2)
+        trace = self._trace
+        if trace.state is _RECORDING and _plain_index(key):  # h[:, 0]: see _record
+            node = self._node
+            return _record(trace, "function", "operator.getitem", (_ref(node), key), (node,))
+        return trace.apply("function", "operator.getitem", (self, key), depth=2)
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._trace.apply("function", "operator.setitem", (self, key, value), depth=2)
+        trace = self._trace
+        if trace.state is _RECORDING and _plain_index(key):
+            node = self._node
+            kind = type(value)
+            if kind in SCALARS:
+                args = (_ref(node), key, value)
+                _record(trace, "function", "operator.setitem", args, (node,))
+                return
+            if kind is Proxy and value._trace is trace:
+                read = value._node
+                args = (_ref(node), key, _ref(read))
+                _record(trace, "function", "operator.setitem", args, _two(node, read))
+                return
+        trace.apply("function", "operator.setitem", (self, key, value), depth=2)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._trace.call_value(self, args, kwargs)
@@ -136,6 +153,12 @@ class Proxy:
         raise TraceError("a proxy cannot be pickled; save it and pickle .value after the trace")
 
 
+#: Names :meth:`Trace.attribute` has answered with a :class:`Method` while recording (allowed
+#: tensor methods that are not meta or value methods): it answers them so again at once, as does
+#: a proxy's property for the name.
+PLAIN_METHODS: set[str] = set()
+
+
 class Method:
     """A tensor method looked up on a proxy, recorded when called."""
 
@@ -145,7 +168,90 @@ class Method:
         self.trace, self.proxy, self.name = trace, proxy, name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.trace.apply("method", self.name, (self.proxy, *args), kwargs, depth=2)
+        trace, proxy = self.trace, self.proxy
+        # h.sum(-1), see _record; not a method of an ended trace's proxy, which a session's
+        # trace records (Trace.attribute routes it): apply carries that proxy over
+        if not kwargs and trace.state is _RECORDING and proxy._trace is trace:
+            for arg in args:
+                if type(arg) not in SCALARS:
+                    break
+            else:
+                node = proxy._node
+                return _record(trace, "method", self.name, (_ref(node), *args), (node,))
+        return trace.apply("method", self.name, (proxy, *args), kwargs, depth=2)
+
+
+#: What :func:`_plain_index` takes as an index item as it is: scalars and ``...``.
+_INDEX_ITEMS = SCALARS | {type(Ellipsis)}
+
+
+def _plain_index(key: Any) -> bool:
+    """Whether ``key`` is graph data as it is (what ``Trace.apply`` would record unchanged): a
+    scalar, ``...``, a slice of scalars, or a tuple of these (``h[:, -1]``, ``h[0]``)."""
+    kind = type(key)
+    if kind is tuple:
+        for item in key:
+            kind = type(item)
+            if kind in _INDEX_ITEMS:
+                continue
+            if kind is not slice or not _plain_slice(item):
+                return False
+        return True
+    return kind in _INDEX_ITEMS or (kind is slice and _plain_slice(key))
+
+
+def _plain_slice(key: slice) -> bool:
+    return type(key.start) in SCALARS and type(key.stop) in SCALARS and type(key.step) in SCALARS
+
+
+def _ref(node: int) -> Any:
+    try:
+        return _REFS[node]
+    except IndexError:
+        return ref(node)
+
+
+def _two(a: int, b: int) -> tuple[int, ...]:
+    return (a,) if a == b else (a, b) if a < b else (b, a)
+
+
+def _record(trace: Trace, op: str, target: str, args: tuple, deps: tuple) -> Proxy:
+    """Record node ``op target(*args)`` reading ``deps`` and return its proxy: what
+    ``Trace.apply`` does, for the callers that have checked everything it checks (the trace
+    recording, ``target`` allowed, ``args`` graph data with the reads ``deps``, no keywords).
+    Indexing (``h[:, i]``, ``h[:, i] = 0``) and tensor methods with scalar arguments
+    (``h.sum(-1)``) take it: per head or position loops record these thousands of times, and
+    through ``apply`` (a frame more, the generic conversion of each argument, ``Graph.add``'s
+    keywords) recording ``h[:, 0]`` took 21.1k instructions (callgrind). The user's line is
+    two frames up (this function, the proxy's method); ``site.at`` walks on from an internal
+    frame (``Proxy.__iter__``). (Torch functions, ``torch.relu(h)``, gain nothing from it:
+    most of their 24k instructions are torch's dispatch to the torch-function mode.)"""
+    try:
+        frame = _getframe(2)
+    except ValueError:  # called from the top of the stack
+        frame = _getframe(1)
+    site = _KNOWN_SITES.get(frame.f_lasti)
+    if site is None or site[0] is not frame.f_code:  # see site.KNOWN
+        site = _site_at(frame)
+    graph = trace.graph
+    nodes = graph.nodes
+    i = len(nodes)
+    made = _object_new(Node)  # Graph.add, written out: see _operator
+    made.id = i
+    made.op = op
+    made.target = target
+    made.args = args
+    made.kwargs = NO_KWARGS
+    made.call = 0
+    made.rows = None
+    made._deps = deps
+    made._key = made._shape = made._code = None
+    nodes.append(made)
+    graph.sites.append(site)
+    proxy = Proxy()
+    proxy._trace = trace
+    proxy._node = i
+    return proxy
 
 
 def _index(value: Any) -> int:
@@ -255,7 +361,12 @@ def _inplace(name: str):
 
 def _method_attribute(name: str) -> property:
     def read(self: Proxy) -> Any:
-        return self._trace.attribute(self, name)
+        trace = self._trace
+        if name in PLAIN_METHODS and trace.state is _RECORDING:  # Trace.attribute's first case
+            method = _object_new(Method)
+            method.trace, method.proxy, method.name = trace, self, name
+            return method
+        return trace.attribute(self, name)
 
     read.__name__ = name
     return property(read, doc=f"``proxy.{name}``: asks the trace (``Trace.attribute``)")

@@ -47,7 +47,7 @@ from . import scan as scans
 from . import session as sessions
 from . import stop as stopping
 from .args import computed_inputs, to_graph, to_values
-from .proxy import Method, Proxy
+from .proxy import PLAIN_METHODS, Method, Proxy
 from .publish import publish
 from .recorder import Recorder, record_python, record_torch
 from .shapes import Shapes
@@ -60,9 +60,8 @@ _META_ATTRIBUTES = frozenset(("shape", "dtype", "device", "ndim", "is_cuda", "la
 _META_METHODS = frozenset(("size", "dim", "numel", "ndimension", "nelement", "element_size",
                            "is_floating_point", "is_contiguous"))  # fmt: skip
 _VALUE_METHODS = frozenset(("item", "tolist", "numpy"))
-#: Names :meth:`Trace.attribute` has answered with a :class:`Method` while recording (allowed
-#: tensor methods none of the names above): it answers them so again at once.
-_PLAIN_METHODS: set[str] = set()
+#: Names answered with a :class:`Method` at once while recording (see ``proxy.PLAIN_METHODS``).
+_PLAIN_METHODS = PLAIN_METHODS
 #: Arguments a graph holds as they are: the scalars of a node's argument pattern (graph.SCALARS).
 _PLAIN_ARGS = SCALARS
 #: Op -> the targets already checked against the allow-list (the check raises otherwise).
