@@ -247,6 +247,38 @@ def test_per_head_slices_and_methods_in_a_loop(net: lt.Model) -> None:
     exact(saved, kept[0])
 
 
+def test_a_loop_of_indexes_runs_as_one_segment_and_reads_indexes_with_refs(net: lt.Model) -> None:
+    """Indexing the previous value (``h[..., 1:]``, kind ``_LO``) runs as one looped segment,
+    an index holding nodes' values (``h[:, k:end]``) among them; against the hook, bitwise."""
+    x = inputs()
+    with net.trace(x) as tracer:
+        h = net.layer1.output  # (3, 16)
+        k = (h[0, 0] > 100).long()  # 0, as a node's value
+        end = k + 12
+        for _ in range(3):
+            h = h[..., 1:]
+            h = h[:, None, :]
+            h = h[:, 0]
+            h = h[:, k:end]
+        saved = h.save()
+    [chain] = Plan.of(tracer.graph).chains.values()
+    looped = [items for kind, items in chain.segments if kind == chains._LO]
+    assert [i for i, _ in looped[0]] == list(range(6, 16))  # 16, the saved one: a step alone
+    assert tracer.graph.nodes[8].args[1] == (slice(None), slice(Ref(3), Ref(4)))
+    kept: list = []
+
+    def edit(module, args, out):
+        h = out
+        k = (h[0, 0] > 100).long()
+        end = k + 12
+        for _ in range(3):
+            h = h[..., 1:][:, None, :][:, 0][:, k:end]
+        kept.append(h)
+
+    hooked(net._module, x, post=[(net._module.layer1, edit)])
+    exact(saved, kept[0])
+
+
 def test_a_failure_inside_a_chain_names_its_line(net: lt.Model) -> None:
     with pytest.raises(RuntimeError) as info:
         with net.trace(inputs()):

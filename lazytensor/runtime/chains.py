@@ -35,8 +35,10 @@ from .evaluate import call_method, resolve
 SHORTEST = 2
 
 # Step kinds: where a node's call takes its arguments: V a stored value, L the previous node's
-# value (a local), S a scalar of the node itself; ANY: a pattern of any length.
-_LS, _L, _SL, _LV, _VL, _LL, _VS, _V, _SV, _VV, _ANY = range(11)
+# value (a local), S a scalar of the node itself, O anything else of the node's (an index such
+# as ``(..., slice(1, None))``, resolved as the executor resolves it); ANY: a pattern of any
+# length.
+_LS, _L, _SL, _LV, _VL, _LL, _VS, _V, _SV, _VV, _ANY, _LO = range(12)
 
 
 @dataclass(slots=True)
@@ -106,6 +108,10 @@ class Chain:
                     for i, fn in items:  # noqa: B007 - `i` names the node if one fails
                         v = fn(v)
                     continue
+                if looped == _LO:
+                    for i, fn in items:
+                        v = fn(v, resolve(nodes[i].args[1], values, consts))
+                    continue
                 i, kind, fn, a, b, store = items
                 if kind == _LS:
                     v = fn(v, nodes[i].args[1])
@@ -113,6 +119,8 @@ class Chain:
                     v = fn(v)
                 elif kind == _SL:
                     v = fn(nodes[i].args[0], v)
+                elif kind == _LO:
+                    v = fn(v, resolve(nodes[i].args[1], values, consts))
                 elif kind == _LV:
                     v = fn(v, values[b])
                 elif kind == _VL:
@@ -258,7 +266,11 @@ def _steps(chain: Chain, graph: Graph) -> tuple[list[tuple], tuple[int, ...]]:
                       for p in pattern)  # fmt: skip
         plain = OTHER not in pattern and not keywords
         kind = (_PAIRS if len(where) == 2 else _SINGLES).get(where, _ANY) if plain else _ANY
-        if kind == _ANY:
+        if kind == _ANY and not keywords and len(pattern) == 2 and pattern[1] == OTHER:
+            kind = _LO if where[0] is True else _ANY  # h[..., 1:] on the previous value
+        if kind == _LO:
+            pass  # the previous value, and what the index reads (stored above)
+        elif kind == _ANY:
             stored.update(top)
         else:
             stored.update(p for p, w in zip(pattern, where) if w == "V")
@@ -284,8 +296,8 @@ def _steps(chain: Chain, graph: Graph) -> tuple[list[tuple], tuple[int, ...]]:
 
 
 #: Step kinds a segment runs in a loop of its own (see :class:`Chain`): those that read only
-#: the previous value and the node's own scalars.
-_LOOPED = frozenset((_LS, _SL, _L))
+#: the previous value and the node's own arguments.
+_LOOPED = frozenset((_LS, _SL, _L, _LO))
 
 
 def _segments(steps: list[tuple]) -> list[tuple]:

@@ -17,7 +17,7 @@ import torch
 
 from ..core import ops
 from ..core.errors import TraceError
-from ..core.graph import NO_KWARGS, SCALARS, Node, _object_new, ref
+from ..core.graph import NO_KWARGS, OTHER, SCALARS, Node, _object_new, ref
 from ..core.graph import REFS as _REFS
 from ..core.site import KNOWN as _KNOWN_SITES
 from ..core.site import at as _site_at
@@ -90,22 +90,24 @@ class Proxy:
         trace = self._trace
         if trace.state is _RECORDING and _plain_index(key):  # h[:, 0]: see _record
             node = self._node
-            return _record(trace, "function", "operator.getitem", (_ref(node), key), (node,))
+            shape = (node, None if type(key) in SCALARS else OTHER)
+            return _record(trace, "function", "operator.getitem", (_ref(node), key), (node,), shape)
         return trace.apply("function", "operator.getitem", (self, key), depth=2)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         trace = self._trace
         if trace.state is _RECORDING and _plain_index(key):
             node = self._node
+            index = None if type(key) in SCALARS else OTHER
             kind = type(value)
             if kind in SCALARS:
-                args = (_ref(node), key, value)
-                _record(trace, "function", "operator.setitem", args, (node,))
+                args, shape = (_ref(node), key, value), (node, index, None)
+                _record(trace, "function", "operator.setitem", args, (node,), shape)
                 return
             if kind is Proxy and value._trace is trace:
                 read = value._node
-                args = (_ref(node), key, _ref(read))
-                _record(trace, "function", "operator.setitem", args, _two(node, read))
+                args, shape = (_ref(node), key, _ref(read)), (node, index, read)
+                _record(trace, "function", "operator.setitem", args, _two(node, read), shape)
                 return
         trace.apply("function", "operator.setitem", (self, key, value), depth=2)
 
@@ -177,7 +179,8 @@ class Method:
                     break
             else:
                 node = proxy._node
-                return _record(trace, "method", self.name, (_ref(node), *args), (node,))
+                shape = (node,) + (_NONES[len(args)] if len(args) < 8 else (None,) * len(args))
+                return _record(trace, "method", self.name, (_ref(node), *args), (node,), shape)
         return trace.apply("method", self.name, (proxy, *args), kwargs, depth=2)
 
 
@@ -215,10 +218,13 @@ def _two(a: int, b: int) -> tuple[int, ...]:
     return (a,) if a == b else (a, b) if a < b else (b, a)
 
 
-def _record(trace: Trace, op: str, target: str, args: tuple, deps: tuple) -> Proxy:
+def _record(trace: Trace, op: str, target: str, args: tuple, deps: tuple, pattern: tuple) -> Proxy:
     """Record node ``op target(*args)`` reading ``deps`` and return its proxy: what
     ``Trace.apply`` does, for the callers that have checked everything it checks (the trace
-    recording, ``target`` allowed, ``args`` graph data with the reads ``deps``, no keywords).
+    recording, ``target`` allowed, ``args`` graph data with the reads ``deps`` and the
+    :func:`~lazytensor.core.graph.pattern` ``pattern``, no keywords). The node's
+    :meth:`~lazytensor.core.graph.Node.shape` is made with it: a replay asks every node for its
+    shape (the plan cache's key), and working it out then costs more than making it here.
     Indexing (``h[:, i]``, ``h[:, i] = 0``) and tensor methods with scalar arguments
     (``h.sum(-1)``) take it: per head or position loops record these thousands of times, and
     through ``apply`` (a frame more, the generic conversion of each argument, ``Graph.add``'s
@@ -245,13 +251,18 @@ def _record(trace: Trace, op: str, target: str, args: tuple, deps: tuple) -> Pro
     made.call = 0
     made.rows = None
     made._deps = deps
-    made._key = made._shape = made._code = None
+    made._shape = (op, target, deps, 0, pattern, ())
+    made._key = made._code = None
     nodes.append(made)
     graph.sites.append(site)
     proxy = Proxy()
     proxy._trace = trace
     proxy._node = i
     return proxy
+
+
+#: ``_NONES[k]``: the pattern of ``k`` scalar arguments.
+_NONES = tuple((None,) * k for k in range(8))
 
 
 def _index(value: Any) -> int:
