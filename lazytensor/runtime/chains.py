@@ -27,8 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..core import ops
 from ..core.graph import OTHER, Graph, Node
+from . import bounds
 from .evaluate import call_method, resolve
 
 #: The fewest nodes worth a chain (a single node gains nothing from one).
@@ -319,9 +322,17 @@ def _function(node: Node) -> Callable:
     if node.op == "function":
         return ops.runnable_function(node.target)
     named = Node(-1, "method", node.target)
-    ops.runnable_method(node.target)  # refuses a name outside the allow-list now
+    name = ops.runnable_method(node.target)  # refuses a name outside the allow-list now
 
     def method(*args: Any, **kwargs: Any) -> Any:
+        # what call_method does when no --max-memory holds the run: its checks of sizes
+        # (bounds) are then none, and their three frames cost more than most methods
+        if type(args[0]) is _TENSOR and _MAX_BYTES.get() is None:
+            return getattr(args[0], name)(*args[1:], **kwargs)
         return call_method(named, args, kwargs)
 
     return method
+
+
+_TENSOR = torch.Tensor
+_MAX_BYTES = bounds.MAX_BYTES
