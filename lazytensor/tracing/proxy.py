@@ -208,6 +208,8 @@ def _plain_slice(key: slice) -> bool:
 
 
 def _ref(node: int) -> Any:
+    """``graph.ref(node)``, the operators' way (``REFS`` first): 300 instructions less an
+    indexing op than calling ``ref`` (callgrind)."""
     try:
         return _REFS[node]
     except IndexError:
