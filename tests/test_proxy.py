@@ -409,9 +409,9 @@ def test_methods_indexing_and_torch_functions_record_what_apply_records(tiny_mlp
 
 def test_indexing_and_methods_record_on_their_fast_path_what_apply_records(tiny_mlp) -> None:
     """``proxy._record`` (indexing with plain keys, writes of a scalar or a proxy, methods with
-    scalar arguments) makes the node ``Trace.apply`` makes, field by field, at the user's line;
-    keys and arguments it does not take (a list, a tensor, a proxy argument, keywords) go
-    through ``apply``."""
+    scalar arguments and keywords) makes the node ``Trace.apply`` makes, field by field, at the
+    user's line; keys and arguments it does not take (a list, a tensor, a proxy argument, a
+    dtype) go through ``apply``."""
     net = lt.Model(tiny_mlp)
     index = torch.tensor([0, 1])
     with net.trace(torch.ones(2, 8)) as tracer:
@@ -421,7 +421,8 @@ def test_indexing_and_methods_record_on_their_fast_path_what_apply_records(tiny_
         writes = [((slice(None), 0), 0.5), (0, row), ((..., slice(1, 3)), True)]
         nodes = tracer.graph.nodes
         line = sys._getframe().f_lineno + 1
-        fast = [h[0], h[-1, 2:5], h[:, None], h[..., 0], h[True], h.mean(0), h.sum(), h.add(g)]
+        fast = [h[0], h[-1, 2:5], h[:, None], h[..., 0], h[True], h.mean(0), h.sum(), h.add(g),
+                h.norm(dim=-1, keepdim=True)]  # fmt: skip
         fast_writes = []
         for key, value in writes:
             h[key] = value
@@ -432,11 +433,12 @@ def test_indexing_and_methods_record_on_their_fast_path_what_apply_records(tiny_
         ]
         slow += [tracer.apply("method", "mean", (h, 0)), tracer.apply("method", "sum", (h,))]
         slow += [tracer.apply("method", "add", (h, g))]
+        slow += [tracer.apply("method", "norm", (h,), {"dim": -1, "keepdim": True})]
         slow_writes = []
         for key, value in writes:
             tracer.apply("function", "operator.setitem", (h, key, value))
             slow_writes.append(len(nodes) - 1)
-        general = [h[:, [0, 1]], h[index], h.sum(dim=0)]  # through apply, as before
+        general = [h[:, [0, 1]], h[index], h.sum(dim=0, dtype=torch.float64)]  # through apply
     got = [p._node for p in fast] + fast_writes
     want = [p._node for p in slow] + slow_writes
     assert [facts(nodes[i]) for i in got] == [facts(nodes[i]) for i in want]
@@ -445,10 +447,12 @@ def test_indexing_and_methods_record_on_their_fast_path_what_apply_records(tiny_
         for field in dataclasses.fields(nodes[i]):
             if field.name not in ("id", "_deps", "_key", "_shape", "_code"):
                 assert getattr(nodes[i], field.name) == getattr(nodes[j], field.name), field.name
-    assert lines(tracer, fast) == {(__file__, line)}
-    assert {tracer.graph.sites[i].line for i in fast_writes} == {line + 3}
+    assert lines(tracer, fast[:-1]) == {(__file__, line)}
+    assert lines(tracer, fast[-1:]) == {(__file__, line + 1)}
+    assert {tracer.graph.sites[i].line for i in fast_writes} == {line + 4}
     assert nodes[general[0]._node].args[1] == (slice(None), [0, 1])
-    assert tracer.graph.constants == [index] and nodes[general[2]._node].kwargs == {"dim": 0}
+    assert tracer.graph.constants == [index]
+    assert nodes[general[2]._node].kwargs == {"dim": 0, "dtype": torch.float64}
 
 
 def test_indexes_with_proxies_inside_keep_them(tiny_mlp: TinyMLP) -> None:

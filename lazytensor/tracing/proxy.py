@@ -171,16 +171,27 @@ class Method:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         trace, proxy = self.trace, self.proxy
-        # h.sum(-1), see _record; not a method of an ended trace's proxy, which a session's
-        # trace records (Trace.attribute routes it): apply carries that proxy over
-        if not kwargs and trace.state is _RECORDING and proxy._trace is trace:
+        # h.sum(-1), h.norm(dim=-1), see _record; not a method of an ended trace's proxy,
+        # which a session's trace records (Trace.attribute routes it): apply carries it over
+        if trace.state is _RECORDING and proxy._trace is trace:
+            plain = "out" not in kwargs  # apply says what is wrong with out=
             for arg in args:
                 if type(arg) not in SCALARS:
+                    plain = False
                     break
-            else:
+            if plain and kwargs:
+                for value in kwargs.values():
+                    if type(value) not in SCALARS:
+                        plain = False
+                        break
+            if plain:
                 node = proxy._node
                 shape = (node,) + (_NONES[len(args)] if len(args) < 8 else (None,) * len(args))
-                return _record(trace, "method", self.name, (_ref(node), *args), (node,), shape)
+                args = (_ref(node), *args)
+                if not kwargs:
+                    return _record(trace, "method", self.name, args, (node,), shape)
+                keywords = (tuple(kwargs), kwargs.get("inplace") is True)  # as Node.shape has it
+                return _record(trace, "method", self.name, args, (node,), shape, kwargs, keywords)
         return trace.apply("method", self.name, (proxy, *args), kwargs, depth=2)
 
 
@@ -220,17 +231,28 @@ def _two(a: int, b: int) -> tuple[int, ...]:
     return (a,) if a == b else (a, b) if a < b else (b, a)
 
 
-def _record(trace: Trace, op: str, target: str, args: tuple, deps: tuple, pattern: tuple) -> Proxy:
-    """Record node ``op target(*args)`` reading ``deps`` and return its proxy: what
+def _record(
+    trace: Trace,
+    op: str,
+    target: str,
+    args: tuple,
+    deps: tuple,
+    pattern: tuple,
+    kwargs: dict = NO_KWARGS,
+    keywords: tuple = (),
+) -> Proxy:
+    """Record node ``op target(*args, **kwargs)`` reading ``deps`` and return its proxy: what
     ``Trace.apply`` does, for the callers that have checked everything it checks (the trace
     recording, ``target`` allowed, ``args`` graph data with the reads ``deps`` and the
-    :func:`~lazytensor.core.graph.pattern` ``pattern``, no keywords). The node's
+    :func:`~lazytensor.core.graph.pattern` ``pattern``, ``kwargs`` a new dict of scalars with
+    the shape's part ``keywords``, no ``out=``). The node's
     :meth:`~lazytensor.core.graph.Node.shape` is made with it: a replay asks every node for its
     shape (the plan cache's key), and working it out then costs more than making it here.
     Indexing (``h[:, i]``, ``h[:, i] = 0``) and tensor methods with scalar arguments
-    (``h.sum(-1)``) take it: per head or position loops record these thousands of times, and
-    through ``apply`` (a frame more, the generic conversion of each argument, ``Graph.add``'s
-    keywords) recording ``h[:, 0]`` took 21.1k instructions (callgrind). The user's line is
+    (``h.sum(-1)``, ``h.norm(dim=-1)``) take it: per head or position loops record these
+    thousands of times, and through ``apply`` (a frame more, the generic conversion of each
+    argument, ``Graph.add``'s keywords) recording ``h[:, 0]`` took 21.1k instructions
+    (callgrind). The user's line is
     two frames up (this function, the proxy's method); ``site.at`` walks on from an internal
     frame (``Proxy.__iter__``). (Torch functions, ``torch.relu(h)``, gain nothing from it:
     most of their 24k instructions are torch's dispatch to the torch-function mode.)"""
@@ -249,11 +271,11 @@ def _record(trace: Trace, op: str, target: str, args: tuple, deps: tuple, patter
     made.op = op
     made.target = target
     made.args = args
-    made.kwargs = NO_KWARGS
+    made.kwargs = kwargs
     made.call = 0
     made.rows = None
     made._deps = deps
-    made._shape = (op, target, deps, 0, pattern, ())
+    made._shape = (op, target, deps, 0, pattern, keywords)
     made._key = made._code = None
     nodes.append(made)
     graph.sites.append(site)
