@@ -204,6 +204,9 @@ class Node:
 
 #: Argument types a node carries as themselves (its value is read from the node at replay).
 SCALARS = frozenset((int, float, bool, str, type(None)))
+#: Index items that are graph data as they are: the scalars and ``...`` (a recorded index such as
+#: ``h[..., 0]`` keeps them; a replay uses them unchanged).
+INDEX_ATOMS = SCALARS | {type(Ellipsis)}
 #: :func:`pattern`'s mark for an argument that is neither a node's value nor a scalar.
 OTHER = -1
 

@@ -15,7 +15,7 @@ import torch
 
 from ..core import ops, tree
 from ..core.errors import GraphError, OpNotAllowedError, TraceError
-from ..core.graph import SCALARS, Const, Node, Ref
+from ..core.graph import INDEX_ATOMS, SCALARS, Const, Node, Ref
 from . import bounds
 
 
@@ -29,7 +29,7 @@ def resolve(arg: Any, values: Any, constants: list, fake_mode: Any = None) -> An
     kind = type(arg)
     if kind is Ref:
         return values[arg.id]
-    if kind in _AS_IS:
+    if kind in INDEX_ATOMS:
         return arg
     if kind is tuple:
         return tuple([resolve(a, values, constants, fake_mode) for a in arg])
@@ -47,10 +47,6 @@ def resolve(arg: Any, values: Any, constants: list, fake_mode: Any = None) -> An
         items = [resolve(a, values, constants, fake_mode) for a in tree.children(arg)]
         return tree.rebuild(arg, items)
     return arg
-
-
-#: Argument types that are their own value (graph.SCALARS and ``...``).
-_AS_IS = SCALARS | {type(Ellipsis)}
 
 
 def evaluate(

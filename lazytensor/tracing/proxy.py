@@ -17,7 +17,7 @@ import torch
 
 from ..core import ops
 from ..core.errors import TraceError
-from ..core.graph import NO_KWARGS, OTHER, SCALARS, Node, _object_new, ref
+from ..core.graph import INDEX_ATOMS, NO_KWARGS, OTHER, SCALARS, Node, _object_new, ref
 from ..core.graph import REFS as _REFS
 from ..core.site import KNOWN as _KNOWN_SITES
 from ..core.site import at as _site_at
@@ -90,8 +90,8 @@ class Proxy:
         trace = self._trace
         if trace.state is _RECORDING and _plain_index(key):  # h[:, 0]: see _record
             node = self._node
-            shape = (node, None if type(key) in SCALARS else OTHER)
-            return _record(trace, "function", "operator.getitem", (_ref(node), key), (node,), shape)
+            args, pattern = (_ref(node), key), (node, None if type(key) in SCALARS else OTHER)
+            return _record(trace, "function", "operator.getitem", args, (node,), pattern)
         return trace.apply("function", "operator.getitem", (self, key), depth=2)
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -101,13 +101,13 @@ class Proxy:
             index = None if type(key) in SCALARS else OTHER
             kind = type(value)
             if kind in SCALARS:
-                args, shape = (_ref(node), key, value), (node, index, None)
-                _record(trace, "function", "operator.setitem", args, (node,), shape)
+                args, pattern = (_ref(node), key, value), (node, index, None)
+                _record(trace, "function", "operator.setitem", args, (node,), pattern)
                 return
             if kind is Proxy and value._trace is trace:
                 read = value._node
-                args, shape = (_ref(node), key, _ref(read)), (node, index, read)
-                _record(trace, "function", "operator.setitem", args, _two(node, read), shape)
+                args, pattern = (_ref(node), key, _ref(read)), (node, index, read)
+                _record(trace, "function", "operator.setitem", args, _two(node, read), pattern)
                 return
         trace.apply("function", "operator.setitem", (self, key, value), depth=2)
 
@@ -186,17 +186,13 @@ class Method:
                         break
             if plain:
                 node = proxy._node
-                shape = (node,) + (_NONES[len(args)] if len(args) < 8 else (None,) * len(args))
+                pattern = (node,) + (_NONES[len(args)] if len(args) < 8 else (None,) * len(args))
                 args = (_ref(node), *args)
                 if not kwargs:
-                    return _record(trace, "method", self.name, args, (node,), shape)
+                    return _record(trace, "method", self.name, args, (node,), pattern)
                 keywords = (tuple(kwargs), kwargs.get("inplace") is True)  # as Node.shape has it
-                return _record(trace, "method", self.name, args, (node,), shape, kwargs, keywords)
+                return _record(trace, "method", self.name, args, (node,), pattern, kwargs, keywords)
         return trace.apply("method", self.name, (proxy, *args), kwargs, depth=2)
-
-
-#: What :func:`_plain_index` takes as an index item as it is: scalars and ``...``.
-_INDEX_ITEMS = SCALARS | {type(Ellipsis)}
 
 
 def _plain_index(key: Any) -> bool:
@@ -206,12 +202,12 @@ def _plain_index(key: Any) -> bool:
     if kind is tuple:
         for item in key:
             kind = type(item)
-            if kind in _INDEX_ITEMS:
+            if kind in INDEX_ATOMS:
                 continue
             if kind is not slice or not _plain_slice(item):
                 return False
         return True
-    return kind in _INDEX_ITEMS or (kind is slice and _plain_slice(key))
+    return kind in INDEX_ATOMS or (kind is slice and _plain_slice(key))
 
 
 def _plain_slice(key: slice) -> bool:
@@ -252,10 +248,10 @@ def _record(
     (``h.sum(-1)``, ``h.norm(dim=-1)``) take it: per head or position loops record these
     thousands of times, and through ``apply`` (a frame more, the generic conversion of each
     argument, ``Graph.add``'s keywords) recording ``h[:, 0]`` took 21.1k instructions
-    (callgrind). The user's line is
-    two frames up (this function, the proxy's method); ``site.at`` walks on from an internal
-    frame (``Proxy.__iter__``). (Torch functions, ``torch.relu(h)``, gain nothing from it:
-    most of their 24k instructions are torch's dispatch to the torch-function mode.)"""
+    (callgrind). The user's line is two frames up (this function, the proxy's method);
+    ``site.at`` walks on from an internal frame (``Proxy.__iter__``). (Torch functions,
+    ``torch.relu(h)``, gain nothing from it: most of their 24k instructions are torch's
+    dispatch to the torch-function mode.)"""
     try:
         frame = _getframe(2)
     except ValueError:  # called from the top of the stack

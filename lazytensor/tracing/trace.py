@@ -60,8 +60,6 @@ _META_ATTRIBUTES = frozenset(("shape", "dtype", "device", "ndim", "is_cuda", "la
 _META_METHODS = frozenset(("size", "dim", "numel", "ndimension", "nelement", "element_size",
                            "is_floating_point", "is_contiguous"))  # fmt: skip
 _VALUE_METHODS = frozenset(("item", "tolist", "numpy"))
-#: Names answered with a :class:`Method` at once while recording (see ``proxy.PLAIN_METHODS``).
-_PLAIN_METHODS = PLAIN_METHODS
 #: Arguments a graph holds as they are: the scalars of a node's argument pattern (graph.SCALARS).
 _PLAIN_ARGS = SCALARS
 #: Op -> the targets already checked against the allow-list (the check raises otherwise).
@@ -419,7 +417,7 @@ class Trace:
 
     # -- policy: attributes, materialization, shapes ------------------------------------------
     def attribute(self, proxy: Proxy, name: str) -> Any:
-        if name in _PLAIN_METHODS and self.state is _RECORDING:  # h.sum: the common case
+        if name in PLAIN_METHODS and self.state is _RECORDING:  # h.sum: the common case
             method = _object_new(Method)  # Method(self, proxy, name), without __init__
             method.trace, method.proxy, method.name = self, proxy, name
             return method
@@ -437,7 +435,7 @@ class Trace:
         if name in _VALUE_METHODS:
             return lambda *a, **k: self.materialize(proxy, lambda v: getattr(v, name)(*a, **k))
         if ops.is_method(name):
-            _PLAIN_METHODS.add(name)  # recording, and none of the names above
+            PLAIN_METHODS.add(name)  # recording, and none of the names above
             return Method(self, proxy, name)
         return self.apply("getattr", ops.check_attribute(name), (proxy,), depth=3)
 
