@@ -17,10 +17,20 @@ parent forwards each job's request frames as it received them (the child decodes
 the same checks), and the child returns each outcome already encoded, which the parent sends
 to the client as is. Only the process's arguments (the model, the limits) are pickled, by
 :mod:`multiprocessing`, from the parent's own objects.
+
+A small run request that arrives while the process is idle is sent *early*
+(:meth:`ChildProcess.send_early`), before the server has decoded and checked it: the process
+decodes it on the other core while the server does, then waits. It runs only when a group
+names it, after the server's checks; a request the server refuses or cancels is forgotten
+(:meth:`ChildProcess.forget`), and the process keeps at most :data:`MAX_EARLY` of them. This
+takes the process's decoding off the request's path (the server's decode, its checks and the
+hand-off to the worker thread take longer than the process's decode).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import math
 import mmap
@@ -55,14 +65,22 @@ SLACK = 1.0
 #: Seconds after which the jobs of a forward still running are told so ("running"): most
 #: finish sooner, and their users hear only the result.
 RUNNING_AFTER = 0.05
+#: Frames under this many bytes ride inside the message that announces them: one write on
+#: the pipe, one wake-up of the reader, whatever the count of frames.
+INLINE_BYTES = 64 << 10
 #: Reply frames of this many bytes or more (large saved tensors) reach the server through a
 #: memory file, mapped rather than copied through the pipe.
 SHARED_BYTES = 1 << 20
+#: How a frame that is not inline travels (see :func:`_send_frames`).
+FOLLOWS, SHARED = 0, 1
 #: A run's deadline is sent to the server only when it is this many seconds later than the
 #: one the server holds it to (most runs start at once, and say nothing).
 DEADLINE_STEP = 0.1
 #: Seconds a new worker process may take to start and map the model.
 BOOT_SECONDS = 300.0
+#: Requests sent early (decoded, waiting for a group to name them) a worker process keeps at
+#: most; past that it drops the oldest, and a group naming a dropped one fails it.
+MAX_EARLY = 16
 
 
 _CONTEXT = multiprocessing.get_context("forkserver")
@@ -87,6 +105,15 @@ class Encoded:
     frames: list
 
 
+@dataclass(frozen=True)
+class Early:
+    """A request sent to worker process number ``generation`` before the server checked it,
+    decoded there and kept under ``token`` until a group names it."""
+
+    generation: int
+    token: int
+
+
 class ChildProcess:
     """The worker process of one served model, restarted whenever it is killed or dies."""
 
@@ -99,7 +126,38 @@ class ChildProcess:
         self._process: Any = None
         self._conn: Any = None
         self._ready = False
+        # The event loop's thread sends early requests while the worker thread may send a
+        # group or restart the process: one writer at a time.
+        self._writing = threading.Lock()
+        self._tokens = itertools.count()
         self._start()
+
+    def send_early(self, frames: list) -> Early | None:
+        """Send a request's ``frames`` now, for the process to decode while the server does;
+        ``None`` (nothing sent) while the process is starting or gone. The caller sends only
+        small requests, and only while the process is idle, so the send never waits."""
+        if not self._ready or self.closed or not self._writing.acquire(blocking=False):
+            return None  # (the worker thread writing: it is not idle after all)
+        try:
+            early = Early(self.restarts, next(self._tokens))
+            _send_frames(self._conn, ["early", early.token], frames, share=False)
+        except (OSError, ValueError):  # it died: a group sends the frames again
+            return None
+        finally:
+            self._writing.release()
+        return early
+
+    def forget(self, early: Early) -> None:
+        """Drop an early request the server refused or cancelled (it will not run)."""
+        if early.generation != self.restarts or self.closed:
+            return  # that process is gone, and its early requests with it
+        if not self._writing.acquire(blocking=False):
+            return  # never wait here (the event loop): the process drops it past MAX_EARLY
+        try:
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.send_bytes(msgpack.packb(["forget", early.token]))
+        finally:
+            self._writing.release()
 
     def _start(self) -> None:
         parent, child = _CONTEXT.Pipe()
@@ -131,11 +189,15 @@ class ChildProcess:
         try:
             self._wait_ready()
             deadline = time.monotonic() + self.limits.max_seconds  # until the child says
-            group = [[j.id, len(j.frames)] for j in jobs]
-            self._conn.send_bytes(msgpack.packb(["run", group, deadline]))
-            for job in jobs:
-                for frame in job.frames:
-                    self._conn.send_bytes(frame.buffer if hasattr(frame, "buffer") else frame)
+            # [id, early token]: a job sent early to this very process is named by its token;
+            # any other's frames follow, each job's as _send_frames sends them
+            tokens = [self._early_token(job) for job in jobs]
+            group = [[job.id, token] for job, token in zip(jobs, tokens)]
+            with self._writing:
+                self._conn.send_bytes(msgpack.packb(["run", group, deadline]))
+                for job, token in zip(jobs, tokens):
+                    if token is None:
+                        _send_frames(self._conn, ["frames"], job.frames, share=False)
         except (OSError, EOFError, RuntimeError) as exc:
             self._restart(f"it could not be reached ({exc})")
             for job in jobs:
@@ -163,6 +225,10 @@ class ChildProcess:
             )
             done(job, m.Failure.of(job.id, error))
 
+    def _early_token(self, job: Job) -> int | None:
+        early = job.early
+        return early.token if early is not None and early.generation == self.restarts else None
+
     def _collect(
         self, pending: dict[int, Job], done: Any, slow: Any, deadline: float
     ) -> str | None:
@@ -186,8 +252,8 @@ class ChildProcess:
                 if header[0] == "deadline":
                     deadline = header[1]
                 elif header[0] == "done":
-                    _, index, kind, rows, together, last, count, shared = header
-                    frames = _receive_frames(conn, count, shared)
+                    _, index, kind, rows, together, last, layout = header
+                    frames = _receive_frames(conn, layout)
                     job = pending.pop(index)
                     job.forward_rows, job.forward_jobs = rows, together
                     done(job, Encoded(kind, frames))
@@ -203,9 +269,10 @@ class ChildProcess:
         if self.closed:  # the server is stopping: no new process
             return
         log.warning("worker process of %s stopped: %s; starting a new one", self.served.name, why)
-        self._stop_process()
-        self.restarts += 1
-        self._start()
+        with self._writing:
+            self._stop_process()
+            self.restarts += 1
+            self._start()
 
     def _stop_process(self) -> None:
         if self._process.is_alive():
@@ -239,40 +306,57 @@ _SHUT_DOWN = (
 _LOST = "the server's worker process could not take this request; send it again"
 
 
-def _receive_frames(conn: Any, count: int, shared: list[int]) -> list:
-    """A reply's ``count`` frames: those at the ``shared`` positions come as memory files
-    (mapped here, never copied), the others through the pipe."""
-    fds = []
-    if shared:
-        with _socket(conn) as sock:
-            fds = reduction.recvfds(sock, len(shared))
-    mapped = {}
-    for position, fd in zip(shared, fds):
-        try:
-            mapped[position] = memoryview(mmap.mmap(fd, 0, prot=mmap.PROT_READ))
-        finally:
-            os.close(fd)
-    return [mapped[i] if i in mapped else conn.recv_bytes() for i in range(count)]
-
-
-def _send_frames(conn: Any, header: list, frames: list) -> None:
-    """Send ``header`` (with the frames' count and shared positions appended) and what
-    :func:`_receive_frames` reads: a frame of :data:`SHARED_BYTES` or more is written once
-    into a memory file whose descriptor crosses the pipe."""
+def _send_frames(conn: Any, header: list, frames: list, share: bool = True) -> None:
+    """Send ``header`` with the frames' layout appended, then what :func:`_receive_frames`
+    reads. Each frame travels as the layout says: a small one (under :data:`INLINE_BYTES`)
+    inside the header's message itself; with ``share``, one of :data:`SHARED_BYTES` or more
+    written once into a memory file whose descriptor crosses the pipe (``SHARED``); any other
+    as a message of its own after the header (``FOLLOWS``)."""
     views = [memoryview(f.buffer if hasattr(f, "buffer") else f).cast("B") for f in frames]
-    shared = [i for i, view in enumerate(views) if view.nbytes >= SHARED_BYTES]
-    conn.send_bytes(msgpack.packb([*header, len(views), shared]))
+    layout: list = [
+        view
+        if view.nbytes < INLINE_BYTES
+        else SHARED
+        if share and view.nbytes >= SHARED_BYTES
+        else FOLLOWS
+        for view in views
+    ]
+    conn.send_bytes(msgpack.packb([*header, layout]))
+    shared = [view for view, how in zip(views, layout) if how == SHARED]
     if shared:
-        fds = [_memory_file(views[i]) for i in shared]
+        fds = [_memory_file(view) for view in shared]
         try:
             with _socket(conn) as sock:
                 reduction.sendfds(sock, fds)
         finally:
             for fd in fds:
                 os.close(fd)
-    for i, view in enumerate(views):
-        if i not in shared:
+    for view, how in zip(views, layout):
+        if how == FOLLOWS:
             conn.send_bytes(view)
+
+
+def _receive_frames(conn: Any, layout: list) -> list:
+    """The frames :func:`_send_frames` sent with a header whose layout is ``layout``: memory
+    files are mapped here, never copied."""
+    fds = []
+    count = layout.count(SHARED)  # (an inline frame's bytes never equal an int)
+    if count:
+        with _socket(conn) as sock:
+            fds = reduction.recvfds(sock, count)
+    frames = []
+    for how in layout:
+        if isinstance(how, bytes):
+            frames.append(how)
+        elif how == SHARED:
+            fd = fds.pop(0)
+            try:
+                frames.append(memoryview(mmap.mmap(fd, 0, prot=mmap.PROT_READ)))
+            finally:
+                os.close(fd)
+        else:
+            frames.append(conn.recv_bytes())
+    return frames
 
 
 def _memory_file(view: memoryview) -> int:
@@ -320,6 +404,14 @@ def main(conn: Any, module: torch.nn.Module, spec: tuple, limits: Limits, truste
 
     runner.watch = watch
     runner.compiler.killable = True  # compiled replay runs here: a run past its end is killed
+    early: dict[int, Job | Exception] = {}  # requests sent early, decoded, by token
+
+    def decoded(frames: list) -> Job | Exception:
+        try:
+            return _job(frames, wire, name, limits, positional)
+        except Exception as exc:  # the service refuses it too, or answers with this
+            return exc
+
     conn.send_bytes(msgpack.packb(["ready"]))
     while True:
         try:
@@ -328,14 +420,26 @@ def main(conn: Any, module: torch.nn.Module, spec: tuple, limits: Limits, truste
             return
         if header[0] == "stop":
             return
+        if header[0] == "early":
+            _, token, layout = header
+            early[token] = decoded(_receive_frames(conn, layout))
+            if len(early) > MAX_EARLY:
+                del early[next(iter(early))]
+            continue
+        if header[0] == "forget":
+            early.pop(header[1], None)
+            continue
         known[0] = header[2]
         jobs, index = [], {}
-        for position, (job_id, count) in enumerate(header[1]):
-            frames = [conn.recv_bytes() for _ in range(count)]
-            try:
-                job = _job(frames, wire, name, limits, positional)
-            except Exception as exc:  # the service accepted it; answer rather than stop
-                _send(conn, position, job_id, m.Failure.of(job_id, exc), 0, 0, False)
+        for position, (job_id, token) in enumerate(header[1]):
+            if token is None:
+                job = decoded(_receive_frames(conn, _unpack(conn.recv_bytes())[1]))
+            else:
+                job = early.pop(token, None)
+                if job is None:  # dropped past MAX_EARLY
+                    job = RuntimeError(_LOST)
+            if isinstance(job, Exception):  # the service accepted it; answer rather than stop
+                _send(conn, position, job_id, m.Failure.of(job_id, job), 0, 0, False)
                 continue
             index[id(job)] = position
             jobs.append(job)

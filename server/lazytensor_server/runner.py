@@ -59,6 +59,7 @@ class Job:
     weight: float = 1.0  # its owner's share of turns (the key file's weight=)
     position: int | None = None  # the queue position its owner was last told
     frames: list | None = None  # the request as received: what a worker process decodes
+    early: Any = None  # its worker process decoded it already (a .child.Early), or None
     compile: bool | str = False  # the client's wish for compiled replay (see .compiling)
     shapes_known: bool = False  # admission knew every value's shape from the inputs' shapes
     note: str = ""  # for its result: why a compile wish ran eagerly

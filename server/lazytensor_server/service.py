@@ -51,6 +51,10 @@ log = logging.getLogger("lazytensor.server")
 
 Reply = Callable[[Any, list], None]
 
+#: Run requests up to this many bytes are sent to an idle worker process before they are
+#: decoded here (:meth:`Service._send_early`); larger ones are decoded on a decoding thread.
+EARLY_BYTES = 64 << 10
+
 
 class Service:
     """Handles requests for a set of served models.
@@ -111,10 +115,12 @@ class Service:
     def handle(self, peer: Any, frames: list, reply: Reply) -> None:
         request_id = None
         size = _size(frames)
+        early = None  # (worker, Early) while the request was sent early and is not a job yet
         try:
             check("request bytes", size, self.limits.max_request_bytes, "--max-request-bytes")
             if not self.keys.open:  # no work for a peer without a key: check it first, cheaply
                 self._check_key_first(frames)
+            early = self._send_early(frames, size)
             request = m.decode_request(frames, self.wire_limits)
             request_id = request.id
             key_name = self.keys.name_of(request.key)
@@ -133,7 +139,8 @@ class Service:
             elif isinstance(request, m.Describe):
                 self._describe(peer, reply, request)
             elif isinstance(request, m.Run):
-                self._run(peer, reply, request, owner, frames)
+                if self._run(peer, reply, request, owner, frames, early):
+                    early = None  # its job holds it now
             elif isinstance(request, m.Fetch):
                 self._fetch(peer, reply, request, owner, frames)
             elif isinstance(request, m.Ack):
@@ -148,6 +155,33 @@ class Service:
             if self.metrics is not None:
                 self.metrics.refused.labels(type(exc).__name__).inc()
             reply(peer, m.encode(m.Failure.of(request_id, exc)))
+        finally:
+            if early is not None:  # refused, or a retry of a known request: it never runs
+                early[0].child.forget(early[1])
+
+    def _send_early(self, frames: list, size: int) -> tuple[Worker, Any] | None:
+        """Send a small run request for an idle worker process's model to that process before
+        decoding and checking it here, so that the process decodes it meanwhile (on a core of
+        its own where one is free) rather than after the hand-off
+        (:meth:`.child.ChildProcess.send_early`). It runs only once this service queued it.
+        The header is unpacked for its kind and model alone, nothing else trusted: the
+        process decodes and checks the request as this service does."""
+        if size > EARLY_BYTES or len(frames) < 2:
+            return None
+        try:
+            header = msgpack.unpackb(
+                frames[1].buffer if hasattr(frames[1], "buffer") else frames[1]
+            )
+            if header["kind"] != "run":
+                return None
+            worker = self.workers[self._model(header["body"]["model"]).name]
+        except Exception:  # not a run request as it should be: decoding says what is wrong
+            return None
+        child = worker.child
+        if child is None or worker.busy or worker.queue.qsize():
+            return None  # only for the next job: a queued one would hold memory in the process
+        sent = child.send_early(frames)
+        return (worker, sent) if sent is not None else None
 
     def _models(self, peer: Any, reply: Reply, request: m.ListModels) -> None:
         models = [
@@ -193,7 +227,17 @@ class Service:
             return ("key", key_name)
         return ("token", request.key) if request.key else ("peer", peer)
 
-    def _run(self, peer: Any, reply: Reply, request: m.Run, owner: Any, frames: list) -> None:
+    def _run(
+        self,
+        peer: Any,
+        reply: Reply,
+        request: m.Run,
+        owner: Any,
+        frames: list,
+        early: tuple[Worker, Any] | None = None,
+    ) -> bool:
+        """Queue ``request`` (or answer a retry of it); whether it was queued as a job,
+        holding ``early`` (the request sent early to the worker process of its model)."""
         request_id = request.id
         if request_id is None:
             raise ProtocolError("a run request needs a string 'id'")
@@ -202,7 +246,7 @@ class Service:
             known = self.results.get(slot) is not None or slot in self.running
         if known:  # a retry: never run a job twice (_resend takes the lock itself)
             self._resend(peer, reply, slot)
-            return
+            return False
         if self.closing:
             raise RuntimeError(
                 "the server is shutting down and accepts no new work; "
@@ -212,6 +256,8 @@ class Service:
         job = self._job(request, owner, served, _size(frames))
         job.frames = frames  # what a worker process decodes again
         worker = self.workers[served.name]
+        if early is not None and early[0] is worker:
+            job.early = early[1]
         with self._lock:
             self._check_inflight(owner)  # under the lock: two decoding threads cannot both pass
             self.running[slot] = job
@@ -221,6 +267,7 @@ class Service:
             position = job.position = worker.submit(job)
             if position:  # a job that runs next hears "running" at once, and nothing before
                 reply(peer, m.encode(m.Status(request_id, "queued", position)))
+        return job.early is not None
 
     def _fetch(self, peer: Any, reply: Reply, request: m.Fetch, owner: Any, frames: list) -> None:
         slot = (owner, request.id)
@@ -228,7 +275,7 @@ class Service:
             known = self.results.get(slot) is not None or slot in self.running
         if known:
             self._resend(peer, reply, slot)
-        elif request.request is not None:
+        elif request.request is not None:  # (never sent early: it is a fetch)
             self._run(peer, reply, request.request, owner, frames)
         else:
             raise self._unknown(request.id)
@@ -341,6 +388,8 @@ class Service:
             job = self.running.get(slot)
         if job is not None and self.workers[job.model].cancel(job):
             self._done(job, m.Failure(job.id, {**_CANCELLED, "cancelled": True}))
+            if job.early is not None:
+                self.workers[job.model].child.forget(job.early)
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Refuse new work, let running jobs finish, fail the queued ones with a message."""
