@@ -359,8 +359,6 @@ class Service:
             self.results.put(slot, frames, size)
             peer, reply = self.peers.pop(slot, (None, None))
         now = time.monotonic()
-        if reply is not None:  # the client first, then the log line and the metrics
-            reply(peer, frames)
         log.info(
             "request %s key=%s model=%s nodes=%d in=%dB out=%dB wait=%.1fms run=%.1fms %s",
             job.id[:12],
@@ -375,6 +373,8 @@ class Service:
         )
         if self.metrics is not None:
             self.metrics.finished(job, message.KIND)
+        if reply is not None:
+            reply(peer, frames)
 
     def _send(self, slot: Slot, message: m.Message) -> None:
         with self._lock:
