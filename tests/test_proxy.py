@@ -7,12 +7,14 @@ into a real trace and read the nodes it added.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import operator
 import pickle
 import sys
 import types
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 import lazytensor as lt
 from lazytensor.core.errors import OpNotAllowedError, StrictModeError, TraceError
 from lazytensor.core.graph import Const, Ref
-from lazytensor.tracing.proxy import Proxy
+from lazytensor.tracing.proxy import OpenProxy, Proxy
 from models import TinyMLP
 
 
@@ -80,7 +82,8 @@ def log() -> Log:
 
 @pytest.fixture
 def p(log: Log) -> Proxy:
-    return Proxy.of(log, 0)
+    """A proxy of a value of unknown kind, as a module's output is."""
+    return OpenProxy.of(log, 0)
 
 
 # -- operators --------------------------------------------------------------------------------
@@ -489,3 +492,68 @@ def test_a_method_recorded_in_a_block_is_the_values_method_after_it(tiny_mlp: Ti
         box.h = net.layer1.output.save()
         box.h.sum(-1)  # "sum" is now answered at once while recording
     assert isinstance(box.h, Proxy) and torch.equal(box.h.sum(-1), box.h.value.sum(-1))
+
+
+# -- what a tensor op makes: a Proxy with a tensor's attributes, no __getattr__ ----------------
+
+
+PairOutput = collections.namedtuple("PairOutput", ["scores", "extra"])
+
+
+class Pair(torch.nn.Module):
+    """A module whose output is a named tuple of its own, with a field torch knows nothing of."""
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return PairOutput(scores=x * 2, extra=x.sum(-1))
+
+
+def test_tensor_ops_make_proxies_without_getattr_and_points_open_ones(tiny_mlp) -> None:
+    """A tensor op's result is a ``Proxy`` (its class has no ``__getattr__``, so slot reads
+    are specialized); a module's output, an item or attribute of it is an ``OpenProxy``."""
+    assert "__getattr__" not in vars(Proxy) and "__getattr__" in vars(OpenProxy)
+    net = lt.Model(tiny_mlp)
+    with net.trace(torch.ones(2, 8)):
+        h = net.layer1.output
+        made = [h * 2, h.sum(-1), torch.relu(h), h[:, 0], (h * 2)[:, 0], h.max(-1)]
+        assert type(h) is OpenProxy and type(h[0]) is OpenProxy
+        assert all(type(x) is Proxy for x in made if x is not made[3]), made
+        with pytest.raises(AttributeError, match="no_such_field"):  # as a tensor says it
+            made[0].no_such_field  # noqa: B018
+
+
+def test_a_tensor_ops_result_answers_every_tensor_attribute_and_named_tuple_field(tiny_mlp):
+    """Attributes of a plain proxy (no ``__getattr__``) still reach the trace: tensor
+    attributes and the fields of torch's named tuples, against the same reads in a hook."""
+    net = lt.Model(tiny_mlp)
+    x = torch.randn(3, 8)
+    with net.trace(x):
+        h = net.layer1.output * 2.0
+        transposed = h.T.save()
+        top = h.topk(2, dim=-1).values.save()
+        where = h.max(-1).indices.save()
+        eig = torch.linalg.eigh(h.T @ h).eigenvalues.save()
+        batched = h.mT.save()
+    captured = {}
+    hook = tiny_mlp.layer1.register_forward_hook(lambda m, i, o: captured.setdefault("h", o))
+    try:
+        tiny_mlp(x)
+    finally:
+        hook.remove()
+    want = captured["h"].detach() * 2.0
+    torch.testing.assert_close(transposed, want.T)
+    torch.testing.assert_close(top, want.topk(2, dim=-1).values)
+    torch.testing.assert_close(where, want.max(-1).indices)
+    torch.testing.assert_close(eig, torch.linalg.eigh(want.T @ want).eigenvalues)
+    torch.testing.assert_close(batched, want.mT)
+
+
+def test_an_open_proxy_takes_a_custom_outputs_own_fields() -> None:
+    """A module's output of a kind torch does not know keeps every field reachable."""
+    pair = Pair()
+    net = lt.Model(pair)
+    x = torch.randn(2, 4)
+    with net.trace(x):
+        extra = net.output.extra.save()
+        scores = (net.output.scores + 1.0).save()
+    torch.testing.assert_close(extra, x.sum(-1))
+    torch.testing.assert_close(scores, x * 2 + 1.0)

@@ -25,7 +25,7 @@ import torch
 from ..core.errors import TraceError
 from ..core.site import here
 from ..runtime.outcome import IF_CALLED
-from .proxy import Proxy
+from .proxy import OpenProxy
 
 if TYPE_CHECKING:
     from .trace import Trace
@@ -58,7 +58,9 @@ def record(trace: Trace, modules: Any, include_inputs: bool) -> Cache:
             node = graph.add(kind, path, kwargs=dict(flags), call=call, rows=trace.rows, site=site)
             graph.save(node.id)
             ids[path][kind] = node.id
-    store = {path: {k: Proxy.of(trace, i) for k, i in kinds.items()} for path, kinds in ids.items()}
+    store = {
+        path: {k: OpenProxy.of(trace, i) for k, i in kinds.items()} for path, kinds in ids.items()
+    }
     cache = Cache(store, _sizes(root, paths))
     trace.filled.append(_Fill(store, ids))
     return cache

@@ -31,7 +31,17 @@ _RECORDING = State.RECORDING
 
 
 class Proxy:
-    """A lazy value: node ``node`` of ``trace``'s graph."""
+    """A lazy value: node ``node`` of ``trace``'s graph.
+
+    A ``Proxy`` stands for what a tensor op makes (an operator, a tensor method or torch
+    function, an index of such a value): a tensor, or a tuple of them (``h.max(-1)``,
+    ``torch.split``). Its class has a property for every public attribute of a tensor and
+    every field of torch's named tuples (``.T``, ``.grad_fn``, ``.values``, ``.eigenvalues``),
+    each asking the trace as any attribute does (:meth:`Trace.attribute`), and no
+    ``__getattr__``: with one, the interpreter cannot specialize a load of the proxy's own
+    slots, and each recorded op loads two or four of them (:class:`OpenProxy`). A value whose
+    kind is not known (a module's output, an item or attribute of one) is an
+    :class:`OpenProxy`, which takes any name."""
 
     __slots__ = ("_trace", "_node")
 
@@ -81,17 +91,14 @@ class Proxy:
         trace = _trace_of(args, kwargs)
         return trace.apply_torch(func, args, kwargs or {})
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return self._trace.attribute(self, name)
-
     def __getitem__(self, key: Any) -> Proxy:
         trace = self._trace
         if trace.state is _RECORDING and _plain_index(key):  # h[:, 0]: see _record
             node = self._node
             args, pattern = (_ref(node), key), (node, None if type(key) in SCALARS else OTHER)
-            return _record(trace, "function", "operator.getitem", args, (node,), pattern)
+            return _record(
+                trace, "function", "operator.getitem", args, (node,), pattern, kind=type(self)
+            )
         return trace.apply("function", "operator.getitem", (self, key), depth=2)
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -104,7 +111,7 @@ class Proxy:
                 args, pattern = (_ref(node), key, value), (node, index, None)
                 _record(trace, "function", "operator.setitem", args, (node,), pattern)
                 return
-            if kind is Proxy and value._trace is trace:
+            if (kind is Proxy or kind is OpenProxy) and value._trace is trace:
                 read = value._node
                 args, pattern = (_ref(node), key, _ref(read)), (node, index, read)
                 _record(trace, "function", "operator.setitem", args, _two(node, read), pattern)
@@ -153,6 +160,23 @@ class Proxy:
 
     def __reduce__(self):
         raise TraceError("a proxy cannot be pickled; save it and pickle .value after the trace")
+
+
+class OpenProxy(Proxy):
+    """A lazy value of a kind not known while recording (a module's input or output, an item
+    or attribute of one, a user function's result): any attribute name is asked of the trace
+    (``out.logits``, ``cache.key_cache``), which records it or says what is wrong."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._trace.attribute(self, name)
+
+
+#: The two proxy classes, for the hot paths' ``type(x) in PROXIES`` (``isinstance`` costs more).
+PROXIES = frozenset((Proxy, OpenProxy))
 
 
 #: Names :meth:`Trace.attribute` has answered with a :class:`Method` while recording (allowed
@@ -236,6 +260,7 @@ def _record(
     pattern: tuple,
     kwargs: dict = NO_KWARGS,
     keywords: tuple = (),
+    kind: type = Proxy,
 ) -> Proxy:
     """Record node ``op target(*args, **kwargs)`` reading ``deps`` and return its proxy: what
     ``Trace.apply`` does, for the callers that have checked everything it checks (the trace
@@ -251,7 +276,8 @@ def _record(
     (callgrind). The user's line is two frames up (this function, the proxy's method);
     ``site.at`` walks on from an internal frame (``Proxy.__iter__``). (Torch functions,
     ``torch.relu(h)``, gain nothing from it: most of their 24k instructions are torch's
-    dispatch to the torch-function mode.)"""
+    dispatch to the torch-function mode.) ``kind``: the new proxy's class (an index of an
+    :class:`OpenProxy` is one too)."""
     try:
         frame = _getframe(2)
     except ValueError:  # called from the top of the stack
@@ -275,7 +301,7 @@ def _record(
     made._key = made._code = None
     nodes.append(made)
     graph.sites.append(site)
-    proxy = Proxy()
+    proxy = kind()
     proxy._trace = trace
     proxy._node = i
     return proxy
@@ -323,7 +349,7 @@ def _operator(name: str, target: str, reflected: bool):
         kind = type(other)
         if kind in SCALARS:
             theirs, read = other, None
-        elif kind is Proxy and other._trace is trace:
+        elif (kind is Proxy or kind is OpenProxy) and other._trace is trace:
             read = other._node
             try:
                 theirs = _REFS[read]
@@ -419,6 +445,14 @@ for _name in dir(torch.Tensor):
         setattr(Proxy, _name, _method_attribute(_name))
 
 
+def _attribute(name: str) -> property:
+    def read(self: Proxy) -> Any:
+        return self._trace.attribute(self, name)
+
+    read.__name__ = name
+    return property(read, doc=f"``proxy.{name}``: asks the trace (``Trace.attribute``)")
+
+
 def _settable(name: str) -> property:
     def read(self: Proxy) -> Any:
         return self._trace.attribute(self, name)
@@ -440,3 +474,26 @@ SETTABLE = ("grad", "data", "requires_grad", "logits", "loss", "last_hidden_stat
             "hidden_states", "attentions", "past_key_values")  # fmt: skip
 for _name in SETTABLE:
     setattr(Proxy, _name, _settable(_name))
+
+
+# Every other public name of a tensor (``.T``, ``.grad_fn``, ``.values``, ``.backward``), and
+# every field of torch's named tuples (``h.max(-1).indices``, ``torch.linalg.eigh(a).eigenvalues``):
+# a plain proxy answers them as an open one does, without a __getattr__ (see Proxy).
+def _return_fields() -> list[str]:
+    """The field names of torch's named tuples (``torch.return_types``)."""
+    from types import MemberDescriptorType
+
+    import torch.return_types
+
+    return [
+        field
+        for kind in vars(torch.return_types).values()
+        if isinstance(kind, type)
+        for field, member in vars(kind).items()
+        if isinstance(member, MemberDescriptorType)
+    ]
+
+
+for _name in (*dir(torch.Tensor), *_return_fields()):
+    if not _name.startswith("_") and not hasattr(Proxy, _name):
+        setattr(Proxy, _name, _attribute(_name))

@@ -23,7 +23,7 @@ import sys
 from types import FrameType
 from typing import Any
 
-from .proxy import Proxy
+from .proxy import PROXIES, Proxy
 from .steps import PerStep, published
 
 _MAX_DEPTH = 16
@@ -99,7 +99,7 @@ class _Walk:
 
     def _steps(self, item: Any) -> PerStep | None:
         """The per-step values of ``item`` if it is a saved proxy of several steps."""
-        if type(item) is Proxy and item._trace is self.trace:
+        if type(item) in PROXIES and item._trace is self.trace:
             found = self.values.get(item._node)
             return found if isinstance(found, PerStep) else None
         return None

@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 from ..core import ops
 from ..core.site import here
 from .args import has_proxy, to_graph
-from .proxy import Proxy
+from .proxy import PROXIES, OpenProxy, Proxy
 from .state import current
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         trace = self.trace
         if not self.paused and current() is trace:  # not an enclosing trace's run
-            if (args and type(args[0]) is Proxy) or has_proxy(args) or has_proxy(kwargs.values()):
+            if (args and type(args[0]) in PROXIES) or has_proxy(args) or has_proxy(kwargs.values()):
                 return record_torch(trace, func, args, kwargs)
             if ops.factory_name(func) is not None:
                 return record_torch(trace, func, args, kwargs)
@@ -82,4 +82,4 @@ def record_python(trace: Trace, fn: Any, args: tuple, kwargs: dict) -> Proxy:
     graph_kwargs = to_graph(kwargs, trace, refs) if kwargs else {}
     node = trace.graph.add("python", name, graph_args, graph_kwargs, site=here())
     node._deps = tuple(sorted(set(refs)))
-    return Proxy.of(trace, node.id)
+    return OpenProxy.of(trace, node.id)

@@ -47,7 +47,7 @@ from . import scan as scans
 from . import session as sessions
 from . import stop as stopping
 from .args import computed_inputs, to_graph, to_values
-from .proxy import PLAIN_METHODS, Method, Proxy
+from .proxy import PLAIN_METHODS, Method, OpenProxy, Proxy
 from .publish import publish
 from .recorder import Recorder, record_python, record_torch
 from .shapes import Shapes
@@ -301,7 +301,7 @@ class Trace:
     def read(self, path: str, op: str) -> Proxy:
         self._check_recording()
         node = self.graph.add(op, path, call=self.call, rows=self.rows, site=_site())
-        return Proxy.of(self, node.id)
+        return OpenProxy.of(self, node.id)
 
     def weight(self, path: str) -> Proxy:
         """A model parameter or buffer (``lm.lm_head.weight``), read-only inside the trace."""
@@ -345,7 +345,7 @@ class Trace:
         graph_args = []
         for arg in args:
             kind = type(arg)
-            if kind is Proxy and arg._trace is self:
+            if (kind is Proxy or kind is OpenProxy) and arg._trace is self:
                 i = arg._node
                 refs.append(i)
                 try:
@@ -366,7 +366,13 @@ class Trace:
         node = self.graph.add(op, target, tuple(graph_args), graph_kwargs, site=site)
         # the reads were collected while converting: no second walk
         node._deps = (refs[0],) if len(refs) == 1 else tuple(sorted(set(refs)))
-        made = Proxy()  # Proxy.of(self, node.id), inline as in operator
+        # Proxy.of(self, node.id), inline as in operator; what a tensor op makes is a Proxy
+        if op == "method" or (op == "function" and target != "operator.getitem"):
+            made = Proxy()
+        elif target == "operator.getitem" and type(args[0]) is Proxy:
+            made = Proxy()  # an index of a tensor
+        else:
+            made = OpenProxy()
         made._trace = self
         made._node = node.id
         return made

@@ -32,7 +32,7 @@ from ..core.graph import EVERY_CALL
 from ..core.site import here
 from . import session as sessions
 from .args import to_graph
-from .proxy import Proxy
+from .proxy import OpenProxy, Proxy
 from .state import State, current
 
 if TYPE_CHECKING:
@@ -122,8 +122,8 @@ class LoRA:
     def apply(self, trace: Trace) -> None:
         """Record the adapter's ops at the start of ``trace`` (every call of the module)."""
         graph, site = trace.graph, here()
-        x = Proxy.of(trace, graph.add("input", self.path, call=EVERY_CALL, site=site).id)
-        out = Proxy.of(trace, graph.add("output", self.path, call=EVERY_CALL, site=site).id)
+        x = OpenProxy.of(trace, graph.add("input", self.path, call=EVERY_CALL, site=site).id)
+        out = OpenProxy.of(trace, graph.add("output", self.path, call=EVERY_CALL, site=site).id)
         a, b = self.A, self.B
         low = trace.apply("function", "torch.matmul", (x, trace.apply("method", "t", (a,))))
         delta = trace.apply("function", "torch.matmul", (low, trace.apply("method", "t", (b,))))
