@@ -36,7 +36,7 @@ class Proxy:
     A ``Proxy`` stands for what a tensor op makes (an operator, a tensor method or torch
     function, an index of such a value): a tensor, or a tuple of them (``h.max(-1)``,
     ``torch.split``). Its class has a property for every public attribute of a tensor and
-    every field of torch's named tuples (``.T``, ``.grad_fn``, ``.values``, ``.eigenvalues``),
+    every field of torch's named tuples (``.T``, ``.mT``, ``.values``, ``.eigenvalues``),
     each asking the trace as any attribute does (:meth:`Trace.attribute`), and no
     ``__getattr__``: with one, the interpreter cannot specialize a load of the proxy's own
     slots, and each recorded op loads two or four of them (:class:`OpenProxy`). A value whose
@@ -175,7 +175,8 @@ class OpenProxy(Proxy):
         return self._trace.attribute(self, name)
 
 
-#: The two proxy classes, for the hot paths' ``type(x) in PROXIES`` (``isinstance`` costs more).
+#: The two proxy classes, for ``type(x) in PROXIES`` (``isinstance`` costs more; the hottest
+#: paths compare with each class directly).
 PROXIES = frozenset((Proxy, OpenProxy))
 
 
@@ -454,14 +455,13 @@ def _attribute(name: str) -> property:
 
 
 def _settable(name: str) -> property:
-    def read(self: Proxy) -> Any:
-        return self._trace.attribute(self, name)
-
     def write(self: Proxy, value: Any) -> None:
         self._trace.set_attribute(self, name, value)
 
-    read.__name__ = write.__name__ = name
-    return property(read, write, doc=f"``proxy.{name}`` (``= value``): asks the trace")
+    write.__name__ = name
+    return property(
+        _attribute(name).fget, write, doc=f"``proxy.{name}`` (``= value``): asks the trace"
+    )
 
 
 #: The attribute names a proxy takes writes to (``h.grad = g``; the trace answers the others
@@ -469,16 +469,13 @@ def _settable(name: str) -> property:
 #: interpreter cannot specialize any store into a proxy's slots, and storing the two slots of
 #: the proxy every recorded op makes through their descriptors cost ~1.2k instructions an op,
 #: 14% of recording ``h * 1.0001`` (callgrind). Writing any other name raises Python's own
-#: ``AttributeError`` at the user's line. Reading these names is what ``__getattr__`` does.
+#: ``AttributeError`` at the user's line. Reading one asks the trace, as any attribute does.
 SETTABLE = ("grad", "data", "requires_grad", "logits", "loss", "last_hidden_state",
             "hidden_states", "attentions", "past_key_values")  # fmt: skip
 for _name in SETTABLE:
     setattr(Proxy, _name, _settable(_name))
 
 
-# Every other public name of a tensor (``.T``, ``.grad_fn``, ``.values``, ``.backward``), and
-# every field of torch's named tuples (``h.max(-1).indices``, ``torch.linalg.eigh(a).eigenvalues``):
-# a plain proxy answers them as an open one does, without a __getattr__ (see Proxy).
 def _return_fields() -> list[str]:
     """The field names of torch's named tuples (``torch.return_types``)."""
     from types import MemberDescriptorType
@@ -494,6 +491,9 @@ def _return_fields() -> list[str]:
     ]
 
 
+# Every other public name of a tensor (``.T``, ``.values``, ``.backward``) and every field of
+# torch's named tuples (``h.max(-1).indices``, ``torch.linalg.eigh(a).eigenvalues``): a Proxy
+# answers them as an OpenProxy does, without a __getattr__ (see Proxy).
 for _name in (*dir(torch.Tensor), *_return_fields()):
     if not _name.startswith("_") and not hasattr(Proxy, _name):
         setattr(Proxy, _name, _attribute(_name))

@@ -20,11 +20,11 @@ to the client as is. Only the process's arguments (the model, the limits) are pi
 
 A small run request that arrives while the process is idle is sent *early*
 (:meth:`ChildProcess.send_early`), before the server has decoded and checked it: the process
-decodes it on the other core while the server does, then waits. It runs only when a group
-names it, after the server's checks; a request the server refuses or cancels is forgotten
-(:meth:`ChildProcess.forget`), and the process keeps at most :data:`MAX_EARLY` of them. This
-takes the process's decoding off the request's path (the server's decode, its checks and the
-hand-off to the worker thread take longer than the process's decode).
+decodes it meanwhile (on a core of its own where one is free), then waits. It runs only when a
+group names it, after the server's checks; a request the server refuses or cancels is
+forgotten (:meth:`ChildProcess.forget`), and the process keeps at most :data:`MAX_EARLY` of
+them. This takes the process's decoding off the request's path (the server's decode, its
+checks and the hand-off to the worker thread take longer than the process's decode).
 """
 
 from __future__ import annotations
@@ -344,16 +344,17 @@ def _receive_frames(conn: Any, layout: list) -> list:
     if count:
         with _socket(conn) as sock:
             fds = reduction.recvfds(sock, count)
+    try:
+        mapped = [memoryview(mmap.mmap(fd, 0, prot=mmap.PROT_READ)) for fd in fds]
+    finally:
+        for fd in fds:
+            os.close(fd)
     frames = []
     for how in layout:
         if isinstance(how, bytes):
             frames.append(how)
         elif how == SHARED:
-            fd = fds.pop(0)
-            try:
-                frames.append(memoryview(mmap.mmap(fd, 0, prot=mmap.PROT_READ)))
-            finally:
-                os.close(fd)
+            frames.append(mapped.pop(0))
         else:
             frames.append(conn.recv_bytes())
     return frames
