@@ -367,10 +367,10 @@ class Trace:
         # the reads were collected while converting: no second walk
         node._deps = (refs[0],) if len(refs) == 1 else tuple(sorted(set(refs)))
         # Proxy.of(self, node.id), inline as in operator; what a tensor op makes is a Proxy
-        if op == "method" or (op == "function" and target != "operator.getitem"):
+        if target == "operator.getitem":  # an index is a tensor when what it indexes is one
+            made = Proxy() if type(args[0]) is Proxy else OpenProxy()
+        elif op == "function" or op == "method":
             made = Proxy()
-        elif target == "operator.getitem" and type(args[0]) is Proxy:
-            made = Proxy()  # an index of a tensor
         else:
             made = OpenProxy()
         made._trace = self
